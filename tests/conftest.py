@@ -1,0 +1,26 @@
+import os
+from pathlib import Path
+
+import pytest
+
+from tiny import save_tiny
+
+# Tests never reach the hub or wandb's servers, and DeepSpeed should not guess the accelerator.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    """A saved two-layer GPT-2 with the real GPT-2 tokenizer (read-only: copy it to change it)."""
+    return save_tiny(tmp_path_factory.mktemp("models") / "tiny-gpt2", "gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_neo(tmp_path_factory) -> Path:
+    """A saved two-layer GPT-Neo with the GPT-2 tokenizer (read-only: copy it to change it)."""
+    return save_tiny(tmp_path_factory.mktemp("models") / "tiny-neo", "gpt_neo")
