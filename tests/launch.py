@@ -1,0 +1,88 @@
+"""Run the repo's commands the way a user types them, from a scratch folder that looks like the repo."""
+
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from tiny import REPO
+
+SCRIPTS = [
+    "run_clm.py",
+    "text2csv.py",
+    "run_generation.py",
+    "run_generate_neo.py",
+    "ds_config.json",
+    "ds_config_gptneo.json",
+    "ds_config_zero3.json",
+]
+
+
+def workdir(path: Path) -> Path:
+    """A folder where `run_clm.py`, `ds_config.json` & co. resolve as they do in the repo."""
+    path.mkdir(parents=True, exist_ok=True)
+    for name in SCRIPTS:
+        if (REPO / name).exists() and not (path / name).exists():
+            (path / name).symlink_to(REPO / name)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def user_env() -> dict[str, str]:
+    """The environment a user's shell would have, with this venv's tools first on PATH."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def with_port(argv: list[str]) -> list[str]:
+    """Two launches must not share DeepSpeed's default port, so each gets its own."""
+    if argv[0] == "deepspeed" and "--master_port" not in argv:
+        return [argv[0], "--master_port", str(free_port()), *argv[1:]]
+    return argv
+
+
+def run(
+    argv: list[str], cwd: Path, timeout: int = 600, stdin: str | None = None
+) -> subprocess.CompletedProcess:
+    if argv[0] == "python":
+        argv = [sys.executable, *argv[1:]]
+    return subprocess.run(
+        with_port(argv),
+        cwd=cwd,
+        env=user_env(),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def shell_commands(block: str) -> list[list[str]]:
+    """Split a README code block into commands, joining backslash continuations and skipping comments."""
+    joined = re.sub(r"\\\n", " ", block)
+    commands = []
+    for line in joined.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            commands.append(shlex.split(line))
+    return commands
+
+
+def readme_blocks(language: str) -> list[str]:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
+
+
+def replace_flag(argv: list[str], flag: str, value: str) -> list[str]:
+    """The same command with one flag's value swapped (the flag must be there)."""
+    index = argv.index(flag)
+    return [*argv[: index + 1], value, *argv[index + 2 :]]
