@@ -302,7 +302,7 @@ def tokenize(
     def encode(batch: dict) -> dict:
         ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
         # An end-of-text token closes every document so the model learns where one ends.
-        return {"input_ids": [row + [eos] for row in ids]}
+        return {"input_ids": [[*row, eos] for row in ids]}
 
     def group(batch: dict) -> dict:
         stream = list(chain.from_iterable(batch["input_ids"]))
