@@ -545,7 +545,7 @@ class ReportEngine(TrainerCallback):
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         inner = getattr(optimizer, "optimizer", None)
-        if args.hf_deepspeed_config is not None and is_main_process():
+        if getattr(args, "hf_deepspeed_config", None) is not None and is_main_process():
             zero = args.hf_deepspeed_config.config.get("zero_optimization", {})
             offload = zero.get("offload_optimizer", {}).get("device", "none")
             say(
