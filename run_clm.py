@@ -624,18 +624,18 @@ def train_and_evaluate(model_args, data, run, training) -> None:
     output_dir = Path(training.output_dir)
     resume = resume_point(output_dir, run, training) if training.do_train else None
 
-    model, tokenizer = load_model(model_args, training)
-    block_size = pick_block_size(data.block_size, model_positions(model.config))
-    if data.separate_examples and tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-
     if training.do_train and data.train_file is None:
         raise UserError(
             "--do_train needs --train_file (a .csv with a `text` column, a .txt or a .jsonl)."
         )
     if training.do_eval and data.train_file is None and data.validation_file is None:
         raise UserError("--do_eval needs --validation_file or --train_file.")
+    # Data problems show up in seconds, before a multi-gigabyte model is loaded.
     texts = load_texts(data)
+    model, tokenizer = load_model(model_args, training)
+    block_size = pick_block_size(data.block_size, model_positions(model.config))
+    if data.separate_examples and tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
     blocks = tokenize(texts, tokenizer, data, block_size, training)
     if training.do_eval:
         blocks = split_for_eval(blocks, data, training.seed)
