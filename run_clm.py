@@ -127,6 +127,12 @@ class RunArguments:
             "help": "Start from scratch even if --output_dir holds checkpoints or a finished model."
         },
     )
+    max_nonfinite_steps: int = field(
+        default=20,
+        metadata={
+            "help": "Stop when the loss is NaN or infinite this many micro-steps in a row (0: never)."
+        },
+    )
     evaluation_strategy: str | None = field(
         default=None,
         metadata={
@@ -495,7 +501,25 @@ def prune(output_dir: Path, keep: int | None, protect: Path | None) -> None:
 
 
 class SealingTrainer(Trainer):
-    """A Trainer whose checkpoints are trusted for resuming only after every byte is on disk."""
+    """A Trainer whose checkpoints are trusted for resuming only after every byte is on disk,
+    and which refuses to go on training on a loss that stays NaN or infinite."""
+
+    max_nonfinite_steps = 20
+    nonfinite_in_a_row = 0
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if bool(torch.isfinite(loss)):
+            self.nonfinite_in_a_row = 0
+        else:
+            self.nonfinite_in_a_row += 1
+            if 0 < self.max_nonfinite_steps <= self.nonfinite_in_a_row:
+                raise UserError(
+                    f"the loss was NaN/inf for {self.nonfinite_in_a_row} steps in a row (step "
+                    f"{self.state.global_step}); training on it would only ruin the model. Try --bf16 instead of "
+                    "--fp16 (GPT-Neo overflows in fp16), a lower --learning_rate, or more --warmup_steps."
+                )
+        return loss
 
     def _save_checkpoint(self, model, trial) -> None:
         limit = self.args.save_total_limit
@@ -617,11 +641,60 @@ def check_disk(output_dir: Path, needed: int) -> None:
         )
 
 
+def wandb_offline_unless_logged_in(training: TrainingArguments) -> None:
+    """`--report_to wandb` with no API key would crash at the first log: record offline instead."""
+    if (
+        "wandb" not in training.report_to
+        or os.environ.get("WANDB_MODE")
+        or os.environ.get("WANDB_API_KEY")
+    ):
+        return
+    netrc = Path.home() / ".netrc"
+    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(encoding="utf-8", errors="replace"):
+        return
+    os.environ["WANDB_MODE"] = "offline"
+    say(
+        "wandb: no API key (run `wandb login` to log online); recording offline under ./wandb/. "
+        "Upload it later with `wandb sync wandb/offline-run-*`."
+    )
+
+
+def plot_losses(log_history: list[dict], path: Path) -> None:
+    """train and eval loss against step, so a finished run shows at a glance how it went."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no screen on a training box
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for key, label in (("loss", "train loss"), ("eval_loss", "eval loss")):
+        points = [(e["step"], e[key]) for e in log_history if key in e and math.isfinite(e[key])]
+        if points:
+            steps, values = zip(*points, strict=True)
+            axes.plot(steps, values, marker="o" if len(points) < 30 else None, label=label)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("loss")
+    axes.set_title(path.parent.name)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+OOM_ADVICE = (
+    "GPU out of memory: lower --per_device_train_batch_size and raise --gradient_accumulation_steps to keep "
+    "the batch, set allgather_bucket_size/reduce_bucket_size to 5e7 in the DeepSpeed JSON, "
+    "try ds_config_zero3.json, or check a setup first with will_it_fit.py."
+)
+
+
 # ---------------------------------------------------------------- main
 
 
 def train_and_evaluate(model_args, data, run, training) -> None:
     output_dir = Path(training.output_dir)
+    wandb_offline_unless_logged_in(training)
     resume = resume_point(output_dir, run, training) if training.do_train else None
 
     if training.do_train and data.train_file is None:
@@ -669,8 +742,12 @@ def train_and_evaluate(model_args, data, run, training) -> None:
         callbacks=[stopper, ReportEngine()],
     )
 
+    trainer.max_nonfinite_steps = run.max_nonfinite_steps
     if training.do_train:
-        result = trainer.train(resume_from_checkpoint=resume)
+        try:
+            result = trainer.train(resume_from_checkpoint=resume)
+        except torch.OutOfMemoryError:
+            raise UserError(f"{OOM_ADVICE} (at step {trainer.state.global_step})") from None
         if stopper.received is not None:
             say(
                 f"stopped by {signal.Signals(stopper.received).name} at step {trainer.state.global_step}; "
@@ -692,6 +769,10 @@ def train_and_evaluate(model_args, data, run, training) -> None:
         )
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
+
+    if training.do_train and trainer.is_world_process_zero():
+        plot_losses(trainer.state.log_history, output_dir / "loss.png")
+        say(f"loss curve: {output_dir / 'loss.png'}")
 
 
 def main(argv: list[str] | None = None) -> None:
