@@ -747,7 +747,11 @@ def train_and_evaluate(model_args, data, run, training) -> None:
         try:
             result = trainer.train(resume_from_checkpoint=resume)
         except torch.OutOfMemoryError:
+            print(file=sys.stderr)  # off the progress bar's line
             raise UserError(f"{OOM_ADVICE} (at step {trainer.state.global_step})") from None
+        except UserError:
+            print(file=sys.stderr)
+            raise
         if stopper.received is not None:
             say(
                 f"stopped by {signal.Signals(stopper.received).name} at step {trainer.state.global_step}; "
