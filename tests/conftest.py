@@ -1,17 +1,19 @@
 import os
-from pathlib import Path
-
-import pytest
-
-from tiny import save_tiny
 
 # Tests never reach the hub or wandb's servers, and DeepSpeed should not guess the accelerator.
+# Set before anything imports transformers, which reads some of these once at import.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path
+
+import pytest
+
+from tiny import save_tiny
 
 
 @pytest.fixture(scope="session")
