@@ -183,10 +183,9 @@ def parse_args(
         if values["fp16"]:
             say("warning: --fp16 needs a CUDA GPU and none is here; training in fp32 instead.")
             values["fp16"] = False
-        if values["bf16"]:
-            values["use_cpu"] = (
-                True  # the Trainer refuses bf16 without a GPU unless told it runs on CPU
-            )
+        # Tells the Trainer the ranks are CPU processes: without it bf16 is refused and a
+        # several-rank run miscounts the world size.
+        values["use_cpu"] = True
     if values["deepspeed"]:
         check_deepspeed_config(values["deepspeed"])
 
@@ -568,14 +567,19 @@ class ReportEngine(TrainerCallback):
     """Say which engine really trains, so a log shows ZeRO and the CPU optimizer are in use."""
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
-        inner = getattr(optimizer, "optimizer", None)
-        if getattr(args, "hf_deepspeed_config", None) is not None and is_main_process():
-            zero = args.hf_deepspeed_config.config.get("zero_optimization", {})
-            offload = zero.get("offload_optimizer", {}).get("device", "none")
-            say(
-                f"DeepSpeed ZeRO stage {zero.get('stage', 0)}: {type(optimizer).__name__} over "
-                f"{type(inner).__name__}, optimizer offloaded to {offload}"
-            )
+        if getattr(args, "hf_deepspeed_config", None) is None or not is_main_process():
+            return
+        chain, layer = [], optimizer
+        while layer is not None and len(chain) < 6:
+            if type(layer).__name__ not in ("AcceleratedOptimizer", "DeepSpeedOptimizerWrapper"):
+                chain.append(type(layer).__name__)
+            layer = getattr(layer, "optimizer", None)
+        zero = args.hf_deepspeed_config.config.get("zero_optimization", {})
+        offload = zero.get("offload_optimizer", {}).get("device", "none")
+        say(
+            f"DeepSpeed ZeRO stage {zero.get('stage', 0)}: {' over '.join(chain)}, "
+            f"optimizer offloaded to {offload}"
+        )
 
 
 def resume_point(output_dir: Path, run: RunArguments, training: TrainingArguments) -> str | None:
@@ -719,7 +723,8 @@ def train_and_evaluate(model_args, data, run, training) -> None:
     if eval_set is not None and data.max_eval_samples:
         eval_set = eval_set.select(range(min(data.max_eval_samples, len(eval_set))))
 
-    parameters = sum(p.numel() for p in model.parameters())
+    # Under ZeRO-3 a partitioned parameter reports 0 elements; ds_numel is its real size.
+    parameters = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     if training.do_train:
         check_disk(output_dir, checkpoint_bytes(parameters, training, model.dtype.itemsize))
     say(
