@@ -693,6 +693,15 @@ OOM_ADVICE = (
 )
 
 
+def close_progress_bars(trainer: Trainer) -> None:
+    """Close the progress bar now, or it redraws itself under the error message at exit."""
+    for callback in trainer.callback_handler.callbacks:
+        bar = getattr(callback, "training_bar", None)
+        if bar is not None:
+            bar.close()
+            callback.training_bar = None
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -752,10 +761,10 @@ def train_and_evaluate(model_args, data, run, training) -> None:
         try:
             result = trainer.train(resume_from_checkpoint=resume)
         except torch.OutOfMemoryError:
-            print(file=sys.stderr)  # off the progress bar's line
+            close_progress_bars(trainer)
             raise UserError(f"{OOM_ADVICE} (at step {trainer.state.global_step})") from None
         except UserError:
-            print(file=sys.stderr)
+            close_progress_bars(trainer)
             raise
         if stopper.received is not None:
             say(

@@ -2,12 +2,13 @@
 
 import json
 import shutil
+import subprocess
 import sys
 
 import pytest
 from transformers import T5Config, T5ForConditionalGeneration
 
-from launch import run
+from launch import replace_flag, run
 from tiny import REPO, gpt2_tokenizer
 
 sys.path.insert(0, str(REPO))
@@ -145,3 +146,67 @@ def test_error_through_the_launcher_has_no_traceback(tmp_path, tiny_gpt2):
         done.stderr.strip().splitlines()[-1]
         == "run_clm.py: error: --train_file missing.csv: no such file."
     )
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB filesystem: far too small for a checkpoint of even the tiny model."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_disk_too_small_for_a_checkpoint_fails_before_training(capsys, base, small_disk):
+    argv = replace_flag(base, "--output_dir", str(small_disk / "out"))
+    err = fails_with(
+        capsys, argv, f"--output_dir {small_disk / 'out'}", "one checkpoint needs about", "GiB"
+    )
+    assert "--save_only_model" in err
+    assert not any(small_disk.iterdir())
+
+
+OOM_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {repo!r})
+import run_clm
+
+def out_of_memory(self, *args, **kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+run_clm.SealingTrainer.training_step = out_of_memory
+run_clm.main()
+"""
+
+
+def test_gpu_out_of_memory_says_what_to_change(tmp_path, tiny_gpt2):
+    """torch raises OutOfMemoryError from inside a step; the user gets advice, not a CUDA traceback."""
+    (tmp_path / "oom.py").write_text(OOM_SCRIPT.format(repo=str(REPO)))
+    (tmp_path / "train.txt").write_text(
+        "Now is the winter of our discontent.\n" * 100, encoding="utf-8"
+    )
+    done = run(
+        [
+            "python",
+            "oom.py",
+            "--model_name_or_path",
+            str(tiny_gpt2),
+            "--train_file",
+            "train.txt",
+            "--do_train",
+        ]
+        + ["--output_dir", "out", "--block_size", "32", "--save_strategy", "no"],
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        "run_clm.py: error: GPU out of memory: lower --per_device_train_batch_size"
+    ), last
+    assert "ds_config_zero3.json" in last and "(at step 0)" in last
