@@ -71,3 +71,28 @@ def test_smoke_run_as_printed(tmp_path: Path):
     assert "perplexity" in training
     assert (folder / "tiny-finetuned" / "loss.png").is_file()
     assert "=== GENERATED SEQUENCE 1" in sampling
+
+
+def test_quick_start_as_printed_with_a_tiny_model(tmp_path: Path, tiny_gpt2: Path):
+    """The quick start's one line: text2csv, then the guide's training command (model swapped, steps capped)."""
+    block = next(
+        b for b in readme_blocks("bash") if b.startswith("pip install -r requirements.txt && ")
+    )
+    parts = [part.strip() for part in block.strip().split("&&")]
+    assert parts[0] == "pip install -r requirements.txt" and parts[1] == "python text2csv.py"
+    folder = workdir(tmp_path)
+    for name in ("train.txt", "validation.txt"):
+        shutil.copy(REPO / name, folder / name)
+    made = run(parts[1].split(), cwd=folder)
+    assert made.returncode == 0, made.stderr
+    train = shell_commands(parts[2])[0]
+    train = (
+        train[: train.index("--model_name_or_path") + 1]
+        + [str(tiny_gpt2)]
+        + train[train.index("gpt2-xl") + 1 :]
+    )
+    done = run(
+        [*train, "--max_steps", "2", "--block_size", "64", "--max_eval_samples", "4"], cwd=folder
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (folder / "finetuned" / "model.safetensors").is_file()
