@@ -4,7 +4,7 @@ import re
 import shutil
 from pathlib import Path
 
-from launch import readme_blocks, run, shell_commands, workdir
+from launch import readme_blocks, replace_flag, run, shell_commands, workdir
 from tiny import REPO
 
 
@@ -85,12 +85,7 @@ def test_quick_start_as_printed_with_a_tiny_model(tmp_path: Path, tiny_gpt2: Pat
         shutil.copy(REPO / name, folder / name)
     made = run(parts[1].split(), cwd=folder)
     assert made.returncode == 0, made.stderr
-    train = shell_commands(parts[2])[0]
-    train = (
-        train[: train.index("--model_name_or_path") + 1]
-        + [str(tiny_gpt2)]
-        + train[train.index("gpt2-xl") + 1 :]
-    )
+    train = replace_flag(shell_commands(parts[2])[0], "--model_name_or_path", str(tiny_gpt2))
     done = run(
         [*train, "--max_steps", "2", "--block_size", "64", "--max_eval_samples", "4"], cwd=folder
     )
