@@ -428,7 +428,7 @@ def load_model(args: ModelArguments, training: TrainingArguments):
         raise UserError(f"--model_name_or_path {source}: {str(error).splitlines()[0]}") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source, config=config, trust_remote_code=args.trust_remote_code, use_safetensors=None
+            source, config=config, trust_remote_code=args.trust_remote_code
         )
     except ValueError as error:
         raise UserError(
@@ -666,6 +666,7 @@ def wandb_offline_unless_logged_in(training: TrainingArguments) -> None:
 def plot_losses(log_history: list[dict], path: Path) -> None:
     """train and eval loss against step, so a finished run shows at a glance how it went."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")  # no screen on a training box
     import matplotlib.pyplot as plt
@@ -676,6 +677,7 @@ def plot_losses(log_history: list[dict], path: Path) -> None:
         if points:
             steps, values = zip(*points, strict=True)
             axes.plot(steps, values, marker="o" if len(points) < 30 else None, label=label)
+    axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("loss")
     axes.set_title(path.parent.name)
