@@ -86,3 +86,18 @@ def replace_flag(argv: list[str], flag: str, value: str) -> list[str]:
     """The same command with one flag's value swapped (the flag must be there)."""
     index = argv.index(flag)
     return [*argv[: index + 1], value, *argv[index + 2 :]]
+
+
+def run_clm_plain(
+    cwd: Path, model: Path, *flags: str, train_file: str = "train.txt", output_dir: str = "out"
+):
+    """run_clm.py under plain `python`, no launcher: for checks of our own logic that need no ZeRO."""
+    argv = [
+        "python",
+        str(REPO / "run_clm.py"),
+        "--model_name_or_path",
+        str(model),
+        "--train_file",
+        train_file,
+    ]
+    return run([*argv, "--do_train", "--output_dir", output_dir, *flags], cwd=cwd)

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from transformers import TrainingArguments
 
-from launch import run
+from launch import run, run_clm_plain
 from tiny import REPO, gpt2_tokenizer
 
 sys.path.insert(0, str(REPO))
@@ -48,34 +48,17 @@ def test_separate_examples_never_see_each_other(tmp_path):
 def test_separate_examples_train(tmp_path, tiny_gpt2):
     lines = "\n\n".join(f"{t} ({i})" for i in range(60) for t in EXAMPLES)
     (tmp_path / "train.txt").write_text(lines, encoding="utf-8")
-    done = run(
-        [
-            "python",
-            str(REPO / "run_clm.py"),
-            "--model_name_or_path",
-            str(tiny_gpt2),
-            "--train_file",
-            "train.txt",
-        ]
-        + [
-            "--do_train",
-            "--separate_examples",
-            "--output_dir",
-            "out",
-            "--max_steps",
-            "6",
-            "--logging_steps",
-            "1",
-        ]
-        + [
-            "--learning_rate",
-            "3e-3",
-            "--per_device_train_batch_size",
-            "8",
-            "--save_strategy",
-            "no",
-        ],
-        cwd=tmp_path,
+    flags = [
+        "--separate_examples",
+        "--max_steps",
+        "6",
+        "--logging_steps",
+        "1",
+        "--learning_rate",
+        "3e-3",
+    ]
+    done = run_clm_plain(
+        tmp_path, tiny_gpt2, *flags, "--per_device_train_batch_size", "8", "--save_strategy", "no"
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "180 train" in done.stdout  # one example per paragraph
@@ -86,19 +69,17 @@ def test_separate_examples_train(tmp_path, tiny_gpt2):
 
 def test_nonfinite_loss_stops_with_advice(tmp_path, tiny_gpt2):
     (tmp_path / "train.txt").write_text("To be or not to be. " * 400, encoding="utf-8")
-    done = run(
-        [
-            "python",
-            str(REPO / "run_clm.py"),
-            "--model_name_or_path",
-            str(tiny_gpt2),
-            "--train_file",
-            "train.txt",
-        ]
-        + ["--do_train", "--output_dir", "out", "--max_steps", "30", "--block_size", "32"]
-        + ["--learning_rate", "1e30", "--max_nonfinite_steps", "3", "--save_strategy", "no"],
-        cwd=tmp_path,
-    )
+    flags = [
+        "--max_steps",
+        "30",
+        "--block_size",
+        "32",
+        "--learning_rate",
+        "1e30",
+        "--max_nonfinite_steps",
+        "3",
+    ]
+    done = run_clm_plain(tmp_path, tiny_gpt2, *flags, "--save_strategy", "no")
     assert done.returncode == 2
     errors = [line for line in done.stderr.splitlines() if line.startswith("run_clm.py: error: ")]
     assert len(errors) == 1, done.stderr[-2000:]

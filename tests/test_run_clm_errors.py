@@ -8,7 +8,7 @@ import sys
 import pytest
 from transformers import T5Config, T5ForConditionalGeneration
 
-from launch import replace_flag, run
+from launch import replace_flag, run, run_clm_plain
 from tiny import REPO, gpt2_tokenizer
 
 sys.path.insert(0, str(REPO))
@@ -128,18 +128,7 @@ def test_rerun_of_finished_run_keeps_the_model(capsys, base, tmp_path, tiny_gpt2
 
 def test_error_through_the_launcher_has_no_traceback(tmp_path, tiny_gpt2):
     """As a user sees it: a subprocess, the real entry point, no Python traceback."""
-    done = run(
-        [
-            "python",
-            str(REPO / "run_clm.py"),
-            "--model_name_or_path",
-            str(tiny_gpt2),
-            "--train_file",
-            "missing.csv",
-        ]
-        + ["--do_train", "--output_dir", "out"],
-        cwd=tmp_path,
-    )
+    done = run_clm_plain(tmp_path, tiny_gpt2, train_file="missing.csv")
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert (

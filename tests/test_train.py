@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2LMHeadModel, GPT2Tokenizer, GPTNeoForCausalLM
 
-from launch import readme_blocks, replace_flag, run, shell_commands, workdir
+from launch import readme_blocks, replace_flag, run, run_clm_plain, shell_commands, workdir
 from tiny import REPO
 
 ENGINE_LINE = "DeepSpeed ZeRO stage 2: DeepSpeedZeroOptimizer over DeepSpeedCPUAdam, optimizer offloaded to cpu"
@@ -175,12 +175,17 @@ def test_local_model_folder_is_fine_tuned_not_resumed(gpt2_run, tmp_path):
     (tmp_path / "train.txt").write_text(
         "Once more unto the breach, dear friends.\n" * 200, encoding="utf-8"
     )
-    argv = [
-        "python", str(REPO / "run_clm.py"), "--model_name_or_path", str(trained), "--train_file", "train.txt",
-        "--do_train", "--output_dir", "again", "--max_steps", "2", "--block_size", "32",
-        "--logging_steps", "1", "--save_strategy", "no",
-    ]  # fmt: skip
-    done = run(argv, cwd=tmp_path)
+    flags = [
+        "--max_steps",
+        "2",
+        "--block_size",
+        "32",
+        "--logging_steps",
+        "1",
+        "--save_strategy",
+        "no",
+    ]
+    done = run_clm_plain(tmp_path, trained, *flags, output_dir="again")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming" not in done.stdout
     assert sorted(losses(tmp_path / "again")) == [1, 2]
