@@ -35,7 +35,8 @@ from typing import Any
 
 PROG = "will_it_fit.py"
 GIB = 2**30
-HERE = Path(__file__).resolve().parent
+# Not resolved: a symlinked copy of the repo should name its own configs, not the originals.
+HERE = Path(__file__).absolute().parent
 
 # The configs the search may switch to, looked up beside this script so it works from any cwd.
 ZERO3_CONFIG = HERE / "ds_config_zero3.json"
@@ -313,7 +314,7 @@ def count(value: float) -> str:
 def shown(path: Path) -> str:
     """A config path as a user would type it from the current directory."""
     try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
+        return str(path.absolute().relative_to(Path.cwd()))
     except ValueError:
         return str(path)
 

@@ -91,3 +91,27 @@ def test_quick_start_as_printed_with_a_tiny_model(tmp_path: Path, tiny_gpt2: Pat
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (folder / "finetuned" / "model.safetensors").is_file()
+
+
+def planner_transcripts() -> list[tuple[list[str], list[str]]]:
+    """Each `$ python will_it_fit.py ...` shown in the README, with the output lines printed under it."""
+    found = []
+    for block in readme_blocks("text"):
+        lines = block.strip().splitlines()
+        if lines and lines[0].startswith("$ python will_it_fit.py"):
+            shown = [line for line in lines[1:] if line.strip() and line.strip() != "..."]
+            found.append((shell_commands(lines[0][2:])[0], shown))
+    return found
+
+
+def test_planner_output_in_the_readme_is_what_it_prints(tmp_path: Path):
+    transcripts = planner_transcripts()
+    assert len(transcripts) >= 3
+    folder = workdir(tmp_path)
+    (folder / "will_it_fit.py").symlink_to(REPO / "will_it_fit.py")
+    for argv, shown in transcripts:
+        done = run(argv, cwd=folder, timeout=120)
+        assert done.returncode in (0, 1), done.stderr  # 1 means "does not fit", itself an answer
+        printed = [line.rstrip() for line in done.stdout.splitlines()]
+        for line in shown:
+            assert line.rstrip() in printed, (argv, line)
