@@ -258,6 +258,9 @@ def load_texts(data: DataArguments) -> datasets.DatasetDict:
         if builder == "text":
             # One .txt file is one document, byte for byte; a paragraph each in separate-examples mode.
             options["sample_by"] = "paragraph" if data.separate_examples else "document"
+        if builder == "csv":
+            # pandas would turn a line that reads "NA" or "null" into a missing value.
+            options["keep_default_na"] = False
         try:
             dataset = datasets.load_dataset(
                 builder, data_files={split: path}, split=split, **options
@@ -271,9 +274,11 @@ def load_texts(data: DataArguments) -> datasets.DatasetDict:
                 f"{flags[split]} {path}: no `text` column (it has: {', '.join(dataset.column_names)}); "
                 "rename the column to `text` or make the file with text2csv.py."
             )
-        dataset = dataset.select_columns(["text"]).filter(
-            lambda row: bool(row["text"] and row["text"].strip())
-        )
+        dataset = dataset.select_columns(["text"])
+        if dataset.features["text"] != datasets.Value("string"):
+            # A column of numbers is still text to us.
+            dataset = dataset.cast_column("text", datasets.Value("string"))
+        dataset = dataset.filter(lambda row: bool(row["text"] and row["text"].strip()))
         if len(dataset) == 0:
             raise UserError(f"{flags[split]} {path}: holds no text; put your training text in it.")
         splits[split] = dataset

@@ -73,3 +73,8 @@ def test_validation_is_held_out_from_train_when_no_file_is_given(tmp_path):
     assert len(split["train"]) == 45 and len(split["validation"]) == 5
     train_ids = {row[0] for row in split["train"]["input_ids"]}
     assert train_ids.isdisjoint(row[0] for row in split["validation"]["input_ids"])
+
+
+def test_csv_cells_that_look_like_missing_values_or_numbers_stay_text(tmp_path):
+    assert read(tmp_path, "train.csv", "text\nNA\nnull\n") == ["NA", "null"]
+    assert read(tmp_path, "train.csv", "text\n1599\n1600\n") == ["1599", "1600"]
