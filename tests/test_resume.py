@@ -83,6 +83,12 @@ def reference(tmp_path_factory, tiny_gpt2) -> dict[int, float]:
     return losses(folder / "out")
 
 
+def test_training_lowers_the_loss(reference):
+    """Twelve optimizer steps through ZeRO-2 and DeepSpeedCPUAdam on a small repetitive text: it learns."""
+    assert sorted(reference) == list(range(1, 13))
+    assert reference[12] < reference[1] - 0.5, reference  # untrained, it would hover near 10.8
+
+
 def test_sigterm_checkpoints_and_the_same_command_resumes(tmp_path, tiny_gpt2, reference):
     folder = workdir(tmp_path)
     (folder / "train.txt").write_text(training_text(), encoding="utf-8")
