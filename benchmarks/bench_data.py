@@ -65,7 +65,9 @@ def report(results: dict[str, dict], source: str, repeats: int) -> None:
     rows = []
     for result in results.values():
         best = {path: min(result["seconds"][path]) for path in PATHS}
+        best_cpu = {path: min(result["cpu_seconds"][path]) for path in PATHS}
         rate = {path: result["tokens"][path] / best[path] for path in PATHS}
+        cpu_rate = {path: result["tokens"][path] / best_cpu[path] for path in PATHS}
         for path in PATHS:
             rows.append(
                 [
@@ -75,11 +77,22 @@ def report(results: dict[str, dict], source: str, repeats: int) -> None:
                     fmt(best[path]),
                     f"{rate[path]:,.0f}",
                     f"{100 * rate[path] / rate['ceiling']:.0f}%",
+                    fmt(best_cpu[path]),
+                    f"{100 * cpu_rate[path] / cpu_rate['ceiling']:.0f}%",
                 ]
             )
     print_table(
         f"Data preparation: {source}; best of {repeats}",
-        ["path", "cores (free)", "tokens", "seconds", "tokens/s", "% of ceiling"],
+        [
+            "path",
+            "cores (free)",
+            "tokens",
+            "seconds",
+            "tokens/s",
+            "% of ceiling",
+            "CPU s",
+            "% of ceiling by CPU time",
+        ],
         rows,
     )
 
@@ -114,6 +127,7 @@ def report(results: dict[str, dict], source: str, repeats: int) -> None:
         best = {path: min(result["seconds"][path]) for path in ("ceiling", "run_clm")}
         rate = {path: result["tokens"][path] / best[path] for path in best}
         shares.append((result["cores"], rate["run_clm"] / rate["ceiling"]))
+    # Judged on wall time: what a user waits for.
     verdict = "met" if all(share >= GOAL for _, share in shares) else "MISSED"
     listed = ", ".join(f"{share:.0%} on {cores} core(s)" for cores, share in shares)
     print(f"goal: run_clm.tokenize() at {GOAL:.0%} of the ceiling or more: {verdict} ({listed})")

@@ -58,30 +58,36 @@ def numbers(cells: list[str]) -> list[float]:
     return [float(re.sub(r"[,%x]", "", cell)) for cell in cells]
 
 
-def test_data_benchmark_prints_throughput_for_each_path_and_core_count(tmp_path):
+def test_data_benchmark_prints_throughput_of_each_path_against_the_ceiling(tmp_path):
     text = tmp_path / "train.txt"
     text.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n\n" * 800)
-    output = run_benchmark("bench_data.py", "--train_file", str(text), "--repeats", "1")
-    header, rows = table(output, "Data preparation")
-    assert header == ["path", "cores (free)", "tokens", "seconds", "tokens/s", "% of ceiling"]
-    paths = [row[0] for row in rows]
-    assert (
-        paths
-        == [
-            "tokenizer alone, batched (ceiling)",
-            "run_clm.tokenize()",
-            "proposed tokenize()",
-        ]
-        * 2
+    # One core only: the all-cores process runs the same code unpinned, and costs 10 s more.
+    output = run_benchmark(
+        "bench_data.py", "--train_file", str(text), "--repeats", "1", "--cores", "1"
     )
-    assert [row[1].split()[0] for row in rows[:3]] == ["1"] * 3
+    header, rows = table(output, "Data preparation")
+    assert header == [
+        "path",
+        "cores (free)",
+        "tokens",
+        "seconds",
+        "tokens/s",
+        "% of ceiling",
+        "CPU s",
+        "% of ceiling by CPU time",
+    ]
+    assert [row[0] for row in rows] == [
+        "tokenizer alone, batched (ceiling)",
+        "run_clm.tokenize()",
+        "proposed tokenize()",
+    ]
+    assert [row[1].split()[0] for row in rows] == ["1"] * 3
     for row in rows:
-        tokens, seconds, rate, share = numbers(row[2:])
-        assert tokens > 0 and seconds > 0 and rate > 0 and share > 0
-    assert rows[0][5] == rows[3][5] == "100%"
+        assert min(numbers(row[2:])) > 0
+    assert rows[0][5] == rows[0][7] == "100%"
     header, rows = table(output, "Where run_clm.tokenize()")
     assert header == ["cores", "hashing for the cache", "tokenizing", "grouping", "rest", "total"]
-    assert len(rows) == 2
+    assert len(rows) == 1
     assert "proposed blocks identical to run_clm's: yes" in output
     assert re.search(
         r"^goal: run_clm.tokenize\(\) at 90% of the ceiling or more: (met|MISSED)", output, re.M
