@@ -605,9 +605,11 @@ def resume_point(output_dir: Path, run: RunArguments, training: TrainingArgument
             say(
                 f"--overwrite_output_dir: deleting {len(found)} old checkpoint(s) in {output_dir}, starting fresh."
             )
-        for checkpoint in found:
-            if is_main_process():
+        if is_main_process():
+            for checkpoint in found:
                 shutil.rmtree(checkpoint)
+            # Without the old run's results, an interrupted fresh run resumes instead of being called finished.
+            (output_dir / FINAL_MARKER).unlink(missing_ok=True)
         return None
     if (output_dir / FINAL_MARKER).is_file() and (output_dir / "config.json").is_file():
         raise UserError(

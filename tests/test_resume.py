@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from launch import free_port, user_env, workdir
+from launch import free_port, run_clm_plain, user_env, workdir
 from tiny import REPO
 
 
@@ -172,3 +173,31 @@ def test_sigkill_while_saving_resumes_from_the_previous_checkpoint(tmp_path, tin
     assert "resuming from out/checkpoint-2" in resumed
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 6
     assert complete_checkpoints(out) == ["checkpoint-6"]  # --save_total_limit 1 honoured
+
+
+def test_overwrite_output_dir_starts_fresh(tmp_path, tiny_gpt2):
+    """The one way to retrain a finished run: old checkpoints go, training starts at step 1."""
+    out = tmp_path / "out"
+    shutil.copytree(tiny_gpt2, out)
+    (out / "all_results.json").write_text('{"train_loss": 1.0}')
+    (out / "checkpoint-3").mkdir()
+    (out / "checkpoint-3" / "checkpoint-complete").write_text("sealed\n")
+    (tmp_path / "train.txt").write_text(training_text(), encoding="utf-8")
+    flags = [
+        "--overwrite_output_dir",
+        "--max_steps",
+        "2",
+        "--block_size",
+        "32",
+        "--logging_steps",
+        "1",
+    ]
+    done = run_clm_plain(tmp_path, tiny_gpt2, *flags, "--save_strategy", "no")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (
+        "--overwrite_output_dir: deleting 1 old checkpoint(s) in out, starting fresh."
+        in done.stdout
+    )
+    assert not (out / "checkpoint-3").exists()
+    assert sorted(losses(out)) == [1, 2]
+    assert json.loads((out / "all_results.json").read_text())["train_loss"] != 1.0
