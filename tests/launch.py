@@ -1,5 +1,6 @@
 """Run the repo's commands the way a user types them, from a scratch folder that looks like the repo."""
 
+import json
 import os
 import re
 import shlex
@@ -101,3 +102,9 @@ def run_clm_plain(
         train_file,
     ]
     return run([*argv, "--do_train", "--output_dir", output_dir, *flags], cwd=cwd)
+
+
+def losses(output_dir: Path) -> dict[int, float]:
+    """The training loss logged at each optimizer step of a run, from its trainer_state.json."""
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    return {entry["step"]: entry["loss"] for entry in state["log_history"] if "loss" in entry}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from launch import free_port, run_clm_plain, user_env, workdir
+from launch import free_port, losses, run_clm_plain, user_env, workdir
 from tiny import REPO
 
 
@@ -62,11 +62,6 @@ def finish(argv: list[str], cwd: Path) -> str:
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout + done.stderr
-
-
-def losses(output_dir: Path) -> dict[int, float]:
-    state = json.loads((output_dir / "trainer_state.json").read_text())
-    return {entry["step"]: entry["loss"] for entry in state["log_history"] if "loss" in entry}
 
 
 def complete_checkpoints(output_dir: Path) -> list[str]:

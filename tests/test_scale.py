@@ -1,23 +1,17 @@
 """Growing past one GPU's memory and past one process: ZeRO-3, and ZeRO-2 across two ranks."""
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from launch import run, workdir
+from launch import losses, run, workdir
 from tiny import gpt2_tokenizer
 
 TEXT = "\n".join(
     f"{i}: Now is the winter of our discontent made glorious summer." for i in range(200)
 )
-
-
-def losses(output_dir: Path) -> dict[int, float]:
-    state = json.loads((output_dir / "trainer_state.json").read_text())
-    return {entry["step"]: entry["loss"] for entry in state["log_history"] if "loss" in entry}
 
 
 def train(

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2LMHeadModel, GPT2Tokenizer, GPTNeoForCausalLM
 
-from launch import readme_blocks, replace_flag, run, run_clm_plain, shell_commands, workdir
+from launch import losses, readme_blocks, replace_flag, run, run_clm_plain, shell_commands, workdir
 from tiny import REPO
 
 ENGINE_LINE = "DeepSpeed ZeRO stage 2: DeepSpeedZeroOptimizer over DeepSpeedCPUAdam, optimizer offloaded to cpu"
@@ -37,11 +37,6 @@ def write_csvs(folder: Path, characters: int = 60_000) -> None:
     shutil.copy(REPO / "validation.txt", folder / "validation.txt")
     done = run(["python", "text2csv.py"], cwd=folder)
     assert done.returncode == 0, done.stderr
-
-
-def losses(output_dir: Path) -> dict[int, float]:
-    state = json.loads((output_dir / "trainer_state.json").read_text())
-    return {entry["step"]: entry["loss"] for entry in state["log_history"] if "loss" in entry}
 
 
 @pytest.fixture(scope="module")
