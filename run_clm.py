@@ -10,6 +10,8 @@ Top to bottom: parse flags, read and tokenize the data, load the model, train wi
 checkpoints that survive preemption, write a normal model directory plus metrics.
 """
 
+import hashlib
+import inspect
 import json
 import math
 import os
@@ -17,12 +19,15 @@ import shutil
 import signal
 import sys
 from dataclasses import dataclass, field, fields
-from itertools import chain
 from pathlib import Path
 
 import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 import transformers
+from datasets.fingerprint import Hasher
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -298,6 +303,51 @@ def pick_block_size(requested: int | None, model_positions: int) -> int:
     return requested
 
 
+# GPT-2's byte-level BPE never merges across a line break that has text on both sides, so a long
+# document can be encoded as a batch of such line-aligned pieces: the same tokens, spread by the
+# Rust tokenizer over every core instead of one. Pieces this long make the per-piece cost nil.
+PIECE_CHARS = 1 << 16
+PIECES_PER_CALL = 64
+
+
+def line_pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
+    """`text` cut into pieces of about `size` characters, each cut just after a newline that has a
+    non-space character on both sides (GPT-2's pre-tokenizer ends a token on both sides of it)."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        cut = text.find("\n", start + size)
+        while cut != -1 and (
+            text[cut - 1].isspace() or cut + 1 >= len(text) or text[cut + 1].isspace()
+        ):
+            cut = text.find("\n", cut + 1)
+        if cut == -1:
+            break
+        pieces.append(text[start : cut + 1])
+        start = cut + 1
+    pieces.append(text[start:])
+    return pieces
+
+
+def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> tuple[str, bool]:
+    """A hash of the tokenizer for the datasets cache, and whether line_pieces() is exact for it.
+
+    Hashing the tokenizer's JSON takes milliseconds; letting `datasets` pickle the tokenizer to
+    hash the map function takes about a second on every run, whatever the data size.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return Hasher.hash(tokenizer), False
+    pre = json.loads(backend.pre_tokenizer.__getstate__()) if backend.pre_tokenizer else {}
+    exact = (
+        backend.normalizer is None
+        and pre.get("type") == "ByteLevel"
+        and pre.get("use_regex") is True
+        and pre.get("add_prefix_space") is False
+    )
+    text = backend.to_str()
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16], exact
+
+
 def tokenize(
     texts: datasets.DatasetDict,
     tokenizer: PreTrainedTokenizerBase,
@@ -308,68 +358,92 @@ def tokenize(
     """Text to training examples: concatenated and cut into blocks, or one padded example per row."""
     workers = data.preprocessing_num_workers or min(8, os.cpu_count() or 1)
     eos = tokenizer.eos_token_id
+    identity, exact_pieces = tokenizer_identity(tokenizer)
 
     def encode(batch: dict) -> dict:
-        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-        # An end-of-text token closes every document so the model learns where one ends.
-        return {"input_ids": [[*row, eos] for row in ids]}
+        pieces, owners = [], []
+        for row, text in enumerate(batch["text"]):
+            for piece in line_pieces(text) if exact_pieces else [text]:
+                pieces.append(piece)
+                owners.append(row)
+        rows: list[list[np.ndarray]] = [[] for _ in batch["text"]]
+        # A few MB per call keeps every core busy and the Python lists of ids small.
+        for first in range(0, len(pieces), PIECES_PER_CALL):
+            chunk = slice(first, first + PIECES_PER_CALL)
+            encoded = tokenizer(pieces[chunk], add_special_tokens=False)["input_ids"]
+            for owner, ids in zip(owners[chunk], encoded, strict=True):
+                rows[owner].append(np.asarray(ids, dtype=np.int32))
+        # An end-of-text token closes every document so the model learns where one ends. NumPy
+        # rows spare `datasets` a type check of every element of a Python list.
+        end = np.array([eos], dtype=np.int32)
+        return {"input_ids": [np.concatenate([*parts, end]) for parts in rows]}
 
-    def group(batch: dict) -> dict:
-        stream = list(chain.from_iterable(batch["input_ids"]))
+    def group(table: pa.Table) -> dict:
+        stream = table.column("input_ids").combine_chunks().flatten().to_numpy()
         usable = len(stream) - len(stream) % block_size
-        blocks = [stream[i : i + block_size] for i in range(0, usable, block_size)]
-        return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+        blocks = stream[:usable].reshape(-1, block_size)
+        return {"input_ids": blocks, "labels": blocks.copy()}
 
-    def truncate(batch: dict) -> dict:
-        rows = [row[:block_size] for row in batch["input_ids"]]
+    def truncate(table: pa.Table) -> dict:
+        rows = [row[:block_size] for row in table.column("input_ids").to_pylist()]
         return {
             "input_ids": rows,
-            "labels": [list(r) for r in rows],
-            "attention_mask": [[1] * len(r) for r in rows],
+            "labels": rows,
+            "attention_mask": [[1] * len(row) for row in rows],
         }
 
     # The tokenizer's own length limit is meaningless here: long documents are cut into blocks later.
     tokenizer.model_max_length = int(1e30)
+    # Cache keys made here, not by hashing the functions: the code, the tokenizer, the settings.
+    version = Hasher.hash([inspect.getsource(code) for code in (line_pieces, tokenize)])
+    shape = f"separate-{block_size}" if data.separate_examples else f"blocks-{block_size}"
+    shaped = {}
     with training.main_process_first(desc="tokenizing"):
-        ids = texts.map(
-            encode,
-            batched=True,
-            batch_size=256,
-            num_proc=workers if sum(len(d) for d in texts.values()) >= workers else None,
-            remove_columns=["text"],
-            load_from_cache_file=not data.overwrite_cache,
-            desc="Tokenizing",
-        )
-        check_enough_tokens(ids, data, block_size)
-        # One group() call over a whole split, so no tokens are dropped between map batches.
-        shaped = ids.map(
-            truncate if data.separate_examples else group,
-            batched=True,
-            batch_size=None,
-            load_from_cache_file=not data.overwrite_cache,
-            desc="Separate examples"
-            if data.separate_examples
-            else f"Grouping into blocks of {block_size}",
-        )
-    return shaped
+        for split, dataset in texts.items():
+            rows = len(dataset)
+            ids = dataset.map(
+                encode,
+                batched=True,
+                batch_size=256,
+                # Worker processes pay off only with many rows; one long row already uses every
+                # core through its pieces.
+                num_proc=workers if workers > 1 and rows >= 4 * workers else None,
+                remove_columns=["text"],
+                load_from_cache_file=not data.overwrite_cache,
+                new_fingerprint=Hasher.hash((dataset._fingerprint, identity, eos, version)),
+                desc="Tokenizing",
+            )
+            check_enough_tokens(split, ids, data, block_size)
+            # One call over the whole split, so no tokens are dropped between map batches.
+            shaped[split] = ids.with_format("arrow").map(
+                truncate if data.separate_examples else group,
+                batched=True,
+                batch_size=None,
+                load_from_cache_file=not data.overwrite_cache,
+                new_fingerprint=Hasher.hash((ids._fingerprint, version, shape)),
+                desc="Separate examples"
+                if data.separate_examples
+                else f"Grouping into blocks of {block_size}",
+            )
+    return datasets.DatasetDict(shaped).with_format(None)
 
 
-def check_enough_tokens(ids: datasets.DatasetDict, data: DataArguments, block_size: int) -> None:
+def check_enough_tokens(
+    split: str, ids: datasets.Dataset, data: DataArguments, block_size: int
+) -> None:
     if data.separate_examples:
         return
-    flags = {
-        "train": ("--train_file", data.train_file),
-        "validation": ("--validation_file", data.validation_file),
-    }
-    for split, dataset in ids.items():
-        count = sum(len(row) for row in dataset["input_ids"])
-        if count < block_size:
-            fitting = 1 << (count.bit_length() - 1)
-            flag, path = flags[split]
-            raise UserError(
-                f"{flag} {path}: {count} tokens, fewer than one block of {block_size}; "
-                f"add text or pass --block_size {fitting}."
-            )
+    count = int(pc.sum(pc.list_value_length(ids.data.column("input_ids"))).as_py() or 0)
+    if count < block_size:
+        fitting = 1 << (count.bit_length() - 1)
+        flag, path = {
+            "train": ("--train_file", data.train_file),
+            "validation": ("--validation_file", data.validation_file),
+        }[split]
+        raise UserError(
+            f"{flag} {path}: {count} tokens, fewer than one block of {block_size}; "
+            f"add text or pass --block_size {fitting}."
+        )
 
 
 def split_for_eval(

@@ -12,116 +12,36 @@ import json
 import os
 import resource
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import datasets
 import datasets.arrow_dataset
 import datasets.fingerprint
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 from benchlib import free_cores
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainingArguments
+from transformers import AutoTokenizer, TrainingArguments
 
 import run_clm
 from tiny import gpt2_tokenizer
 
-# Pieces this long keep every core busy yet make the per-piece overhead negligible.
-PIECE_CHARS = 1 << 16
-PATHS = ("ceiling", "run_clm", "proposed")
+PATHS = ("ceiling", "run_clm", "whole")
 
 
-def line_pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
-    """`text` cut into pieces of about `size` characters, only where GPT-2's BPE cuts anyway.
+@contextmanager
+def whole_documents():
+    """run_clm.tokenize() as if line pieces were not exact for the tokenizer: each document is
+    encoded in one call (the way run_clm.py worked before, and still works for other tokenizers)."""
+    original = run_clm.tokenizer_identity
 
-    A cut follows a newline with non-space characters on both sides: GPT-2's pre-tokenizer ends
-    a token before and after such a newline, so the pieces' tokens joined are the text's tokens.
-    """
-    pieces, start = [], 0
-    while len(text) - start > size:
-        cut = text.find("\n", start + size)
-        while cut != -1 and (
-            text[cut - 1].isspace() or cut + 1 >= len(text) or text[cut + 1].isspace()
-        ):
-            cut = text.find("\n", cut + 1)
-        if cut == -1:
-            break
-        pieces.append(text[start : cut + 1])
-        start = cut + 1
-    pieces.append(text[start:])
-    return pieces
+    def identity(tokenizer):
+        return original(tokenizer)[0], False
 
-
-def column_tokens(dataset: datasets.Dataset) -> int:
-    """Tokens in a list column, counted by Arrow without turning rows into Python lists."""
-    return int(pc.sum(pc.list_value_length(dataset.data.column("input_ids"))).as_py() or 0)
-
-
-def proposed_tokenize(
-    texts: datasets.DatasetDict,
-    tokenizer: PreTrainedTokenizerBase,
-    block_size: int,
-    workers: int,
-) -> datasets.DatasetDict:
-    """run_clm.tokenize() for concatenated text, with three changes and the same blocks out:
-
-    1. long documents are encoded as a batch of line-aligned pieces, which the Rust tokenizer
-       spreads over all cores (one 5 MB string runs on one core, and slower per token);
-    2. the cache fingerprint comes from the tokenizer's JSON, so `datasets` does not pickle the
-       tokenizer through dill on every map (seconds, whatever the data size);
-    3. token ids leave encode() as NumPy arrays, and grouping and the length check run on
-       Arrow/NumPy arrays: `datasets` inspects every element of a Python list it writes.
-    """
-    eos = tokenizer.eos_token_id
-    identity = datasets.fingerprint.Hasher.hash_bytes(
-        tokenizer.backend_tokenizer.to_str().encode("utf-8")
-    )
-
-    def encode(batch: dict) -> dict:
-        pieces, owners = [], []
-        for row, text in enumerate(batch["text"]):
-            for piece in line_pieces(text):
-                pieces.append(piece)
-                owners.append(row)
-        encoded = tokenizer(pieces, add_special_tokens=False)["input_ids"]
-        rows: list[list[int]] = [[] for _ in batch["text"]]
-        for owner, ids in zip(owners, encoded, strict=True):
-            rows[owner].extend(ids)
-        # NumPy rows skip the per-element type scan `datasets` runs on Python lists.
-        return {"input_ids": [np.array([*row, eos], dtype=np.int64) for row in rows]}
-
-    def group(table: pa.Table) -> dict:
-        flat = table.column("input_ids").combine_chunks().flatten().to_numpy()
-        usable = len(flat) - len(flat) % block_size
-        blocks = flat[:usable].reshape(-1, block_size)
-        return {"input_ids": blocks, "labels": blocks.copy()}
-
-    shaped = {}
-    for split, dataset in texts.items():
-        rows = len(dataset)
-        ids = dataset.map(
-            encode,
-            batched=True,
-            batch_size=256,
-            # Forked workers only pay off with many rows; pieces already use every core.
-            num_proc=workers if rows >= 4 * workers and workers > 1 else None,
-            remove_columns=["text"],
-            load_from_cache_file=False,
-            new_fingerprint=f"{dataset._fingerprint}-{identity}-encode",
-            desc="Tokenizing (proposed)",
-        )
-        if column_tokens(ids) < block_size:
-            raise ValueError(f"{split}: fewer tokens than one block of {block_size}")
-        shaped[split] = ids.with_format("arrow").map(
-            group,
-            batched=True,
-            batch_size=None,
-            load_from_cache_file=False,
-            new_fingerprint=f"{ids._fingerprint}-group-{block_size}",
-            desc=f"Grouping into blocks of {block_size} (proposed)",
-        )
-    return datasets.DatasetDict(shaped).with_format(None)
+    run_clm.tokenizer_identity = identity
+    try:
+        yield
+    finally:
+        run_clm.tokenizer_identity = original
 
 
 @contextmanager
@@ -129,7 +49,7 @@ def phase_clock(phases: dict[str, float]):
     """Adds to `phases` the seconds of each map run_clm.tokenize() makes and, apart, the part of
     each spent hashing its function and arguments for the datasets cache."""
     original_fingerprint = datasets.fingerprint.update_fingerprint
-    original_map = datasets.DatasetDict.map
+    original_map = datasets.Dataset.map
     current = ["outside any map"]
 
     def add(name: str, seconds: float) -> None:
@@ -155,13 +75,13 @@ def phase_clock(phases: dict[str, float]):
     holders = (datasets.fingerprint, datasets.arrow_dataset)
     for holder in holders:
         holder.update_fingerprint = timed_fingerprint
-    datasets.DatasetDict.map = timed_map
+    datasets.Dataset.map = timed_map
     try:
         yield phases
     finally:
         for holder in holders:
             holder.update_fingerprint = original_fingerprint
-        datasets.DatasetDict.map = original_map
+        datasets.Dataset.map = original_map
 
 
 def cpu_time() -> float:
@@ -201,7 +121,7 @@ def measure(args: argparse.Namespace) -> dict:
     texts = run_clm.load_texts(data)
     read_s = time.perf_counter() - start
     text = Path(args.train_file).read_text(encoding="utf-8")
-    pieces = line_pieces(text)
+    pieces = run_clm.line_pieces(text)
 
     seconds: dict[str, list[float]] = {path: [] for path in PATHS}
     cpu_seconds: dict[str, list[float]] = {path: [] for path in PATHS}
@@ -218,24 +138,19 @@ def measure(args: argparse.Namespace) -> dict:
                 encoded = tokenizer(pieces, add_special_tokens=False)["input_ids"]
                 elapsed = time.perf_counter() - start
                 tokens[path] = sum(len(ids) for ids in encoded)
-            elif path == "run_clm":
+            else:
                 timed: dict[str, float] = {}
-                with phase_clock(timed):
+                with phase_clock(timed), whole_documents() if path == "whole" else nullcontext():
                     blocks = run_clm.tokenize(texts, tokenizer, data, args.block_size, training)
                 elapsed = time.perf_counter() - start
-                if repeat == 0:
+                if repeat == 0 and path == "run_clm":
                     phases = {**timed, "total": elapsed}
-                tokens[path] = len(blocks["train"]) * args.block_size
-                outputs[path] = blocks
-            else:
-                blocks = proposed_tokenize(texts, tokenizer, args.block_size, workers)
-                elapsed = time.perf_counter() - start
                 tokens[path] = len(blocks["train"]) * args.block_size
                 outputs[path] = blocks
             seconds[path].append(elapsed)
             cpu_seconds[path].append(cpu_time() - cpu_start)
 
-    run_ids, proposed_ids = flat_ids(outputs["run_clm"]), flat_ids(outputs["proposed"])
+    run_ids, whole_ids = flat_ids(outputs["run_clm"]), flat_ids(outputs["whole"])
     return {
         "cores": cores,
         "free_cores": free_cores(),
@@ -244,7 +159,7 @@ def measure(args: argparse.Namespace) -> dict:
         "cpu_seconds": cpu_seconds,
         "tokens": tokens,
         "phases": phases,
-        "same_blocks": bool(np.array_equal(run_ids, proposed_ids)),
+        "same_blocks": bool(np.array_equal(run_ids, whole_ids)),
         "block_tokens": len(run_ids),
     }
 

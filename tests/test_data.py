@@ -5,7 +5,7 @@ import sys
 
 import pytest
 from datasets import Dataset, DatasetDict
-from transformers import TrainingArguments
+from transformers import AutoTokenizer, TrainingArguments
 
 from tiny import REPO, gpt2_tokenizer
 
@@ -59,6 +59,64 @@ def test_blocks_concatenate_documents_with_end_of_text_and_drop_only_the_tail(tm
     expected = [stream[i : i + 4] for i in range(0, len(stream) - len(stream) % 4, 4)]
     assert blocks["train"]["input_ids"] == expected
     assert blocks["train"]["labels"] == expected
+
+
+def test_line_pieces_tokenize_exactly_like_the_whole_text():
+    # Lines ending in spaces, blank lines, indented lines, contractions, digits, no final newline.
+    line = "ROMEO:  It's 12 o'clock. \n\n  Thou art\nnot\tso.\n \nJULIET:\nAy me!\n"
+    text = line * 40 + "The end"
+    pieces = run_clm.line_pieces(text, size=50)
+    assert len(pieces) > 10 and "".join(pieces) == text
+    tokenizer = gpt2_tokenizer()
+    joined = [i for ids in tokenizer(pieces)["input_ids"] for i in ids]
+    assert joined == tokenizer(text)["input_ids"]
+
+
+def shakespeare_blocks(tmp_path, tokenizer, block_size: int = 1024):
+    """run_clm.tokenize() on the first 200 KB of train.txt (several pieces), and that text."""
+    text = (REPO / "train.txt").read_text(encoding="utf-8")[:200_000]
+    path = tmp_path / "train.txt"
+    if not path.exists():  # rewritten, it would be new data to the datasets cache
+        path.write_text(text, encoding="utf-8")
+    args = run_clm.DataArguments(train_file=str(path))
+    texts = run_clm.load_texts(args)
+    training = TrainingArguments(str(tmp_path / "out"), report_to="none")
+    return run_clm.tokenize(texts, tokenizer, args, block_size, training), text
+
+
+def expected_blocks(tokenizer, text: str, block_size: int) -> list[list[int]]:
+    stream = [*tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+    return [stream[i : i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]
+
+
+def test_a_long_document_gives_the_blocks_of_encoding_it_whole(tmp_path):
+    tokenizer = gpt2_tokenizer()
+    blocks, text = shakespeare_blocks(tmp_path, tokenizer)
+    assert len(run_clm.line_pieces(text)) >= 3
+    assert blocks["train"]["input_ids"] == expected_blocks(tokenizer, text, 1024)
+
+
+def test_a_tokenizer_that_pieces_would_change_encodes_whole_documents(tmp_path):
+    # With a prefix space, "b" after a cut would become " b": pieces must not be used.
+    gpt2_tokenizer().save_pretrained(tmp_path / "tok")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tok", add_prefix_space=True)
+    assert run_clm.tokenizer_identity(tokenizer)[1] is False
+    blocks, text = shakespeare_blocks(tmp_path, tokenizer)
+    assert blocks["train"]["input_ids"] == expected_blocks(tokenizer, text, 1024)
+
+
+def test_the_cache_is_reused_only_for_the_same_tokenizer_and_block_size(tmp_path):
+    tokenizer = gpt2_tokenizer()
+    first, _ = shakespeare_blocks(tmp_path, tokenizer)
+    again, _ = shakespeare_blocks(tmp_path, gpt2_tokenizer())
+    assert again["train"].cache_files == first["train"].cache_files
+    smaller, _ = shakespeare_blocks(tmp_path, tokenizer, block_size=512)
+    assert smaller["train"].cache_files != first["train"].cache_files
+    changed = gpt2_tokenizer()
+    changed.add_tokens(["Bardolph"])
+    other, text = shakespeare_blocks(tmp_path, changed)
+    assert other["train"].cache_files != first["train"].cache_files
+    assert other["train"]["input_ids"] == expected_blocks(changed, text, 1024)
 
 
 @pytest.mark.parametrize(("requested", "positions", "expected"), [(None, 1024, 1024), (None, 2048, 1024), (None, 128, 128), (512, 1024, 512), (4096, 2048, 2048)])  # fmt: skip
