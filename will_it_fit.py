@@ -203,6 +203,8 @@ class Run:
     gpus_per_node: int
     nodes: int
     precision: str
+    # run_clm.py's default; False plans `--gradient_checkpointing False`.
+    checkpointing: bool = True
 
     @property
     def total_gpus(self) -> int:
@@ -293,6 +295,16 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
     return value
+
+
+def true_or_false(text: str) -> bool:
+    """The Trainer's spelling of a boolean flag value: True/False, also yes/no and 1/0."""
+    value = text.strip().lower()
+    if value in ("true", "yes", "1"):
+        return True
+    if value in ("false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not True or False")
 
 
 def plural(number: int, word: str) -> str:
@@ -551,16 +563,17 @@ def model_states(model: ModelFacts, zero: ZeroSettings, run: Run) -> tuple[int, 
 
 
 def activation_items(model: ModelFacts, run: Run) -> list[Item]:
-    """GPU memory for activations of one micro-batch with gradient checkpointing, 16-bit.
+    """GPU memory for activations of one micro-batch, 16-bit.
 
     With checkpointing each transformer block keeps only its input hidden states (2 bytes per
     value); in backward one block at a time is recomputed and holds its full activations.
-    Those follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
+    Without it, every block keeps its full activations from forward to backward. A block's full
+    activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
     Transformer Models", section 4.1), 34*h bytes per token for a 4*h MLP plus 5*heads*seq for
     the attention scores; written for any MLP width i it is 18*h + 4*i. Attention kernels
     that never store the scores (sdpa, flash) drop the last term; eager attention in fp32 (GPT-Neo,
     GPT-J) keeps fp32 q, k (+4*h) and fp32 scores (9 instead of 5 bytes). The logits and the
-    loss's fp32 copies (LOGIT_BYTES per value) are usually the biggest single item.
+    loss's fp32 copies (LOGIT_BYTES per value) are usually the biggest single item at batch 8.
     """
     tokens = run.micro_batch * run.block_size
     h = model.hidden
@@ -570,12 +583,26 @@ def activation_items(model: ModelFacts, run: Run) -> list[Item]:
         per_token += (4 * h if fp32_scores else 0) + model.heads * run.block_size * (
             9 if fp32_scores else 5
         )
+    if run.checkpointing:
+        blocks = [
+            Item(
+                f"checkpointed hidden states ({model.layers + 1} x {tokens} tokens x {h})",
+                (model.layers + 1) * tokens * h * 2,
+            ),
+            Item(
+                f"one block recomputed in backward ({model.attention} attention)",
+                tokens * per_token,
+            ),
+        ]
+    else:
+        blocks = [
+            Item(
+                f"all {model.layers} blocks' activations, not checkpointed ({model.attention} attention)",
+                model.layers * tokens * per_token,
+            )
+        ]
     return [
-        Item(
-            f"checkpointed hidden states ({model.layers + 1} x {tokens} tokens x {h})",
-            (model.layers + 1) * tokens * h * 2,
-        ),
-        Item(f"one block recomputed in backward ({model.attention} attention)", tokens * per_token),
+        *blocks,
         Item(
             f"logits and loss ({tokens} tokens x {model.vocab} vocab x {LOGIT_BYTES} bytes)",
             tokens * model.vocab * LOGIT_BYTES,
@@ -734,6 +761,15 @@ def cheapest_change(
     effective batch, only slower), smaller DeepSpeed buckets, the ZeRO-3 config (parameters
     offloaded too: much slower), then more GPUs, on this node and then on more nodes.
     """
+    if not run.checkpointing:
+        # Recomputing activations costs a quarter of a step's compute; any other change costs more.
+        checkpointed = dataclasses.replace(run, checkpointing=True)
+        found = plan(model, zero, checkpointed, machine)
+        if found.fits:
+            return Change(
+                "activation checkpointing back on (drop --gradient_checkpointing False)", found
+            )
+        run = checkpointed
     micro = smaller_micro_batches(run)
     for candidate in micro:
         found = plan(model, zero, candidate, machine)
@@ -796,6 +832,7 @@ def command(model_spec: str, zero: ZeroSettings, run: Run) -> str:
         f"{launcher} run_clm.py --deepspeed {zero.source} --model_name_or_path {model_spec} "
         f"--per_device_train_batch_size {run.micro_batch} --gradient_accumulation_steps {run.grad_accum} "
         f"--block_size {run.block_size} --{run.precision}"
+        + ("" if run.checkpointing else " --gradient_checkpointing False")
     )
 
 
@@ -819,7 +856,8 @@ def render(found: Plan) -> str:
         f"config   {found.zero.source}: {describe_zero(found.zero)}",
         f"run      {plural(run.nodes, 'node')} x {plural(run.gpus_per_node, 'GPU')}, "
         f"micro-batch {run.micro_batch} x {run.grad_accum} accumulation = {run.effective_batch} sequences "
-        f"of {run.block_size} tokens per step, {run.precision}",
+        f"of {run.block_size} tokens per step, {run.precision}, "
+        f"activation checkpointing {'on' if run.checkpointing else 'off'}",
         "",
     ]
     width = max(len(item.label) for item in (*found.gpu_items, *found.ram_items)) + 2
@@ -930,6 +968,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="attention kernel to plan for; eager stores the attention scores as the 2021 runs did "
         "(default: what transformers picks for the model)",
     )
+    parser.add_argument(
+        "--gradient_checkpointing",
+        type=true_or_false,
+        default=True,
+        help="plan with activations recomputed in backward, as run_clm.py does by default; False "
+        "plans the faster run that keeps them (default: %(default)s)",
+    )
     precision = parser.add_mutually_exclusive_group()
     precision.add_argument(
         "--fp16",
@@ -964,12 +1009,21 @@ def main(argv: list[str] | None = None) -> int:
             gpus_per_node=args.num_gpus,
             nodes=args.num_nodes,
             precision=args.precision,
+            checkpointing=args.gradient_checkpointing,
         )
         machine = this_machine(args.gpu_memory, args.ram)
         found = plan(model, zero, run, machine)
         print(render(found))
         if found.fits:
             print(f"verdict: fits. {command(args.model, zero, run)}")
+            faster = plan(model, zero, dataclasses.replace(run, checkpointing=False), machine)
+            # Only with room to spare: the activations are an estimate, and this is an option.
+            if run.checkpointing and faster.ram_fits and faster.gpu_total <= 0.9 * machine.gpu:
+                print(
+                    f"faster: it also fits without activation checkpointing ({gib(faster.gpu_total)} GiB "
+                    "per GPU, 10% or more to spare), which skips the recomputed forward pass, a quarter of each step's "
+                    "compute: add --gradient_checkpointing False"
+                )
             return 0
         if machine.gpu is None:
             print(

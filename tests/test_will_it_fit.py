@@ -215,6 +215,55 @@ def test_activations_grow_with_the_micro_batch(configs, facts):
     assert big.ram_total == small.ram_total
 
 
+# --- activation checkpointing ------------------------------------------------------------------
+
+
+def guide_gpt2_xl(configs, gpu: str, *extra: str) -> list[str]:
+    return [
+        *("--model", "gpt2-xl", "--deepspeed", str(configs["ds_config.json"])),
+        *("--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2"),
+        *("--gpu_memory", gpu, "--ram", "78GB", *extra),
+    ]
+
+
+def test_without_checkpointing_every_block_keeps_what_one_recomputed_block_holds(configs, facts):
+    model = facts("gpt2-xl")
+    settings = zero(configs, "ds_config.json", model)
+    on = wif.plan(model, settings, run(), V100)
+    off = wif.plan(model, settings, wif.Run(8, 2, 1024, 1, 1, "fp16", checkpointing=False), V100)
+    one_block = next(i.size for i in on.gpu_items if i.label.startswith("one block recomputed"))
+    all_blocks = next(i.size for i in off.gpu_items if "not checkpointed" in i.label)
+    assert all_blocks == model.layers * one_block
+    assert off.gpu_total > on.gpu_total + 10 * GIB and off.ram_total == on.ram_total
+
+
+def test_a_big_gpu_is_told_it_can_drop_checkpointing_and_a_16gb_one_is_not(configs, capsys):
+    assert wif.main(guide_gpt2_xl(configs, "80GB")) == 0
+    faster = [line for line in capsys.readouterr().out.splitlines() if line.startswith("faster:")]
+    assert len(faster) == 1 and faster[0].endswith("add --gradient_checkpointing False")
+    assert wif.main(guide_gpt2_xl(configs, "16GB")) == 0
+    assert "faster:" not in capsys.readouterr().out
+
+
+def test_no_checkpointing_on_16gb_gets_checkpointing_back_as_the_cheapest_change(configs, capsys):
+    assert wif.main(guide_gpt2_xl(configs, "16GB", "--gradient_checkpointing", "False")) == 1
+    out = capsys.readouterr().out
+    assert "activation checkpointing off" in out and "does NOT fit" in out
+    assert "Cheapest change that fits: activation checkpointing back on" in out
+    suggested = out.strip().splitlines()[-1]
+    assert "--per_device_train_batch_size 8 --gradient_accumulation_steps 2" in suggested
+    assert "--gradient_checkpointing" not in suggested
+    assert wif.main(guide_gpt2_xl(configs, "80GB", "--gradient_checkpointing", "false")) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("verdict: fits.") and last.endswith("--gradient_checkpointing False")
+
+
+def test_a_checkpointing_value_that_is_not_true_or_false_is_refused(configs):
+    done = cli(*guide_gpt2_xl(configs, "16GB", "--gradient_checkpointing", "maybe"))
+    assert done.returncode == 2 and done.stdout == ""
+    assert "--gradient_checkpointing: 'maybe' is not True or False" in done.stderr
+
+
 # --- too big: the cheapest change -------------------------------------------------------------
 
 
