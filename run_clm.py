@@ -25,6 +25,7 @@ import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import tokenizers
 import torch
 import transformers
 from datasets.fingerprint import Hasher
@@ -338,13 +339,18 @@ def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> tuple[str, bool]:
     if backend is None:
         return Hasher.hash(tokenizer), False
     pre = json.loads(backend.pre_tokenizer.__getstate__()) if backend.pre_tokenizer else {}
+    # An added token that swallows the space before it, or holds a newline, could span a cut.
+    added = tokenizer.added_tokens_decoder.values()
     exact = (
         backend.normalizer is None
         and pre.get("type") == "ByteLevel"
         and pre.get("use_regex") is True
         and pre.get("add_prefix_space") is False
+        and not any(token.lstrip or "\n" in token.content for token in added)
     )
-    text = backend.to_str()
+    # split_special_tokens lives outside the backend's JSON but changes the ids.
+    settings = f"{tokenizers.__version__} {getattr(tokenizer, 'split_special_tokens', False)}"
+    text = backend.to_str() + settings
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16], exact
 
 
@@ -382,7 +388,8 @@ def tokenize(
         stream = table.column("input_ids").combine_chunks().flatten().to_numpy()
         usable = len(stream) - len(stream) % block_size
         blocks = stream[:usable].reshape(-1, block_size)
-        return {"input_ids": blocks, "labels": blocks.copy()}
+        # Writing to Arrow copies each column, so the two may share one array.
+        return {"input_ids": blocks, "labels": blocks}
 
     def truncate(table: pa.Table) -> dict:
         rows = [row[:block_size] for row in table.column("input_ids").to_pylist()]

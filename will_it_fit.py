@@ -58,6 +58,8 @@ LOGIT_BYTES = 2 + 4 + 4
 # These families' eager attention computes query x key in fp32 (HF casts q and k up), so their
 # scores and saved q, k take twice the bytes of a 16-bit model's.
 FP32_ATTENTION = {"gpt_neo", "gptj"}
+# Activations transformers writes as several Python tensor operations (autograd saves each step).
+PYTHON_GELUS = {"gelu_new"}
 
 # Published configs (from each model's config.json on the Hugging Face hub), so the planner
 # needs no download: only the fields that set the architecture's size.
@@ -172,6 +174,7 @@ class ModelFacts:
     intermediate: int
     max_positions: int
     attention: str
+    activation: str
 
 
 @dataclass(frozen=True)
@@ -435,6 +438,9 @@ def model_facts(spec: str, attention: str = "auto") -> ModelFacts:
         intermediate=intermediate,
         max_positions=int(config.max_position_embeddings),
         attention=str(model.config._attn_implementation),
+        activation=str(
+            getattr(config, "activation_function", None) or getattr(config, "hidden_act", "")
+        ),
     )
 
 
@@ -572,12 +578,17 @@ def activation_items(model: ModelFacts, run: Run) -> list[Item]:
     Transformer Models", section 4.1), 34*h bytes per token for a 4*h MLP plus 5*heads*seq for
     the attention scores; written for any MLP width i it is 18*h + 4*i. Attention kernels
     that never store the scores (sdpa, flash) drop the last term; eager attention in fp32 (GPT-Neo,
-    GPT-J) keeps fp32 q, k (+4*h) and fp32 scores (9 instead of 5 bytes). The logits and the
+    GPT-J) keeps fp32 q, k (+4*h) and fp32 scores (9 instead of 5 bytes). GPT-2's, GPT-Neo's and
+    GPT-J's `gelu_new` is written in transformers as Python tensor operations, so autograd keeps
+    three more tensors of the MLP's width (+6*i; measured on a bf16 GPT-2 block with
+    saved_tensors_hooks: 54*h bytes per token against 30*h for the fused GELU, no dropout). The logits and the
     loss's fp32 copies (LOGIT_BYTES per value) are usually the biggest single item at batch 8.
     """
     tokens = run.micro_batch * run.block_size
     h = model.hidden
     per_token = 18 * h + 4 * model.intermediate
+    if model.activation in PYTHON_GELUS:
+        per_token += 6 * model.intermediate
     if model.attention == "eager":
         fp32_scores = model.model_type in FP32_ATTENTION
         per_token += (4 * h if fp32_scores else 0) + model.heads * run.block_size * (
@@ -752,6 +763,20 @@ def small_bucket_settings(model: ModelFacts, zero: ZeroSettings) -> ZeroSettings
     )
 
 
+def smaller_micro_batch(
+    model: ModelFacts, zero: ZeroSettings, run: Run, machine: Machine
+) -> Change | None:
+    """The biggest smaller micro-batch that fits, with the accumulation that keeps the batch."""
+    for candidate in smaller_micro_batches(run):
+        found = plan(model, zero, candidate, machine)
+        if found.fits:
+            return Change(
+                f"smaller micro-batch: {candidate.micro_batch} x {candidate.grad_accum} accumulation steps",
+                found,
+            )
+    return None
+
+
 def cheapest_change(
     model: ModelFacts, zero: ZeroSettings, run: Run, machine: Machine
 ) -> Change | None:
@@ -759,25 +784,26 @@ def cheapest_change(
 
     In the order the issue and the guide give: a smaller micro-batch with more accumulation (same
     effective batch, only slower), smaller DeepSpeed buckets, the ZeRO-3 config (parameters
-    offloaded too: much slower), then more GPUs, on this node and then on more nodes.
+    offloaded too: much slower), then more GPUs, on this node and then on more nodes. A run
+    planned without activation checkpointing first tries smaller micro-batches without it, then
+    turns it back on and goes down the same list.
     """
     if not run.checkpointing:
-        # Recomputing activations costs a quarter of a step's compute; any other change costs more.
+        # Keep the user's choice of speed over memory while a smaller micro-batch allows it.
+        change = smaller_micro_batch(model, zero, run, machine)
+        if change is not None:
+            return change
         checkpointed = dataclasses.replace(run, checkpointing=True)
         found = plan(model, zero, checkpointed, machine)
+        back_on = "activation checkpointing back on (drop --gradient_checkpointing False)"
         if found.fits:
-            return Change(
-                "activation checkpointing back on (drop --gradient_checkpointing False)", found
-            )
-        run = checkpointed
+            return Change(back_on, found)
+        change = cheapest_change(model, zero, checkpointed, machine)
+        return None if change is None else Change(f"{back_on} + {change.what}", change.plan)
+    change = smaller_micro_batch(model, zero, run, machine)
+    if change is not None:
+        return change
     micro = smaller_micro_batches(run)
-    for candidate in micro:
-        found = plan(model, zero, candidate, machine)
-        if found.fits:
-            return Change(
-                f"smaller micro-batch: {candidate.micro_batch} x {candidate.grad_accum} accumulation steps",
-                found,
-            )
     configs = [(zero, "")]
     small = small_bucket_settings(model, zero)
     if small is not None:

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 from datasets import Dataset, DatasetDict
+from tokenizers import AddedToken
 from transformers import AutoTokenizer, TrainingArguments
 
 from tiny import REPO, gpt2_tokenizer
@@ -72,9 +73,23 @@ def test_line_pieces_tokenize_exactly_like_the_whole_text():
     assert joined == tokenizer(text)["input_ids"]
 
 
-def shakespeare_blocks(tmp_path, tokenizer, block_size: int = 1024):
-    """run_clm.tokenize() on the first 200 KB of train.txt (several pieces), and that text."""
+@pytest.mark.parametrize(
+    "text", ["b\n\n", "b\n\n c", "b\n\nc", "a\n  b", "a \nb", "x\n's", "a\r\nb", "a'\n'll\n1\n.\n"]
+)
+def test_a_cut_never_changes_the_tokens_even_where_pieces_are_tiny(text):
+    tokenizer = gpt2_tokenizer()
+    pieces = run_clm.line_pieces(text, size=1)
+    assert "".join(pieces) == text
+    joined = [i for ids in tokenizer(pieces)["input_ids"] for i in ids]
+    assert joined == tokenizer(text)["input_ids"]
+
+
+def shakespeare_blocks(tmp_path, tokenizer, block_size: int = 1024, wrap=("", "")):
+    """run_clm.tokenize() on the first 200 KB of train.txt (several pieces), and that text.
+
+    `wrap` puts text before and after every line, to put a token at the places pieces are cut."""
     text = (REPO / "train.txt").read_text(encoding="utf-8")[:200_000]
+    text = "".join(f"{wrap[0]}{line}{wrap[1]}\n" for line in text.splitlines())
     path = tmp_path / "train.txt"
     if not path.exists():  # rewritten, it would be new data to the datasets cache
         path.write_text(text, encoding="utf-8")
@@ -102,6 +117,19 @@ def test_a_tokenizer_that_pieces_would_change_encodes_whole_documents(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tok", add_prefix_space=True)
     assert run_clm.tokenizer_identity(tokenizer)[1] is False
     blocks, text = shakespeare_blocks(tmp_path, tokenizer)
+    assert blocks["train"]["input_ids"] == expected_blocks(tokenizer, text, 1024)
+
+
+@pytest.mark.parametrize(
+    ("token", "wrap"),
+    [(AddedToken("<mask>", lstrip=True), ("<mask>", "")), (AddedToken("}\n{"), ("{", "}"))],
+)
+def test_added_tokens_that_could_span_a_cut_make_whole_documents(tmp_path, token, wrap):
+    # "<mask>" swallows the newline before it; "}\n{" holds one: a cut would change the tokens.
+    tokenizer = gpt2_tokenizer()
+    tokenizer.add_tokens([token])
+    assert run_clm.tokenizer_identity(tokenizer)[1] is False
+    blocks, text = shakespeare_blocks(tmp_path, tokenizer, wrap=wrap)
     assert blocks["train"]["input_ids"] == expected_blocks(tokenizer, text, 1024)
 
 
