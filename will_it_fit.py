@@ -1042,14 +1042,16 @@ def main(argv: list[str] | None = None) -> int:
         print(render(found))
         if found.fits:
             print(f"verdict: fits. {command(args.model, zero, run)}")
-            faster = plan(model, zero, dataclasses.replace(run, checkpointing=False), machine)
-            # Only with room to spare: the activations are an estimate, and this is an option.
-            if run.checkpointing and faster.ram_fits and faster.gpu_total <= 0.9 * machine.gpu:
-                print(
-                    f"faster: it also fits without activation checkpointing ({gib(faster.gpu_total)} GiB "
-                    "per GPU, 10% or more to spare), which skips the recomputed forward pass, a quarter of each step's "
-                    "compute: add --gradient_checkpointing False"
-                )
+            if run.checkpointing:
+                # Host RAM does not depend on checkpointing, so only the GPU is compared, and only
+                # with room to spare: the activations are an estimate, and this is an option.
+                faster = plan(model, zero, dataclasses.replace(run, checkpointing=False), machine)
+                if faster.gpu_total <= 0.9 * machine.gpu:
+                    print(
+                        f"faster: it also fits without activation checkpointing ({gib(faster.gpu_total)} GiB "
+                        "per GPU, 10% or more to spare), which skips the recomputed forward pass, a quarter of each step's "
+                        "compute: add --gradient_checkpointing False"
+                    )
             return 0
         if machine.gpu is None:
             print(
