@@ -33,3 +33,15 @@ def tiny_gpt2(tmp_path_factory) -> Path:
 def tiny_neo(tmp_path_factory) -> Path:
     """A saved two-layer GPT-Neo with the GPT-2 tokenizer (read-only: copy it to change it)."""
     return save_tiny(tmp_path_factory.mktemp("models") / "tiny-neo", "gpt_neo")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A saved two-layer Llama with a SentencePiece-style tokenizer (BOS, no pad) from train.txt."""
+    return save_tiny(tmp_path_factory.mktemp("models") / "tiny-llama", "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory) -> Path:
+    """A saved two-layer Qwen2 with a byte-level tokenizer and a ChatML chat template."""
+    return save_tiny(tmp_path_factory.mktemp("models") / "tiny-qwen", "qwen2")

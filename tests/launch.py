@@ -13,9 +13,16 @@ from tiny import REPO
 
 SCRIPTS = [
     "run_clm.py",
+    "clm_data.py",
+    "checkpoints.py",
+    "common.py",
+    "chat_template.jinja",
     "text2csv.py",
+    "generation.py",
     "run_generation.py",
     "run_generate_neo.py",
+    "will_it_fit.py",
+    "published_configs.json",
     "ds_config.json",
     "ds_config_gptneo.json",
     "ds_config_zero3.json",
@@ -78,9 +85,14 @@ def shell_commands(block: str) -> list[list[str]]:
     return commands
 
 
-def readme_blocks(language: str) -> list[str]:
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+def markdown_blocks(path: Path, language: str) -> list[str]:
+    """The ```language code blocks of a markdown file, in order."""
+    text = path.read_text(encoding="utf-8")
     return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
+
+
+def readme_blocks(language: str) -> list[str]:
+    return markdown_blocks(REPO / "README.md", language)
 
 
 def replace_flag(argv: list[str], flag: str, value: str) -> list[str]:
@@ -108,3 +120,46 @@ def losses(output_dir: Path) -> dict[int, float]:
     """The training loss logged at each optimizer step of a run, from its trainer_state.json."""
     state = json.loads((output_dir / "trainer_state.json").read_text())
     return {entry["step"]: entry["loss"] for entry in state["log_history"] if "loss" in entry}
+
+
+def start(argv: list[str], cwd: Path) -> subprocess.Popen:
+    """A run in its own process group, like a training run on a machine that gets preempted."""
+    return subprocess.Popen(
+        with_port(argv), cwd=cwd, env=user_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+
+
+def read_until_losses(process: subprocess.Popen, count: int) -> list[str]:
+    """The run's output up to the line with its `count`-th logged loss."""
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if sum(x.count("'loss'") for x in seen) >= count:
+            return seen
+    raise AssertionError("the run ended before it logged enough losses:\n" + "".join(seen)[-3000:])
+
+
+def wait_for_group(process: subprocess.Popen, timeout: float = 60) -> float:
+    """Seconds until every process of the run (launcher and ranks) is gone; fails past `timeout`."""
+    import time
+
+    began = time.monotonic()
+    while time.monotonic() - began < timeout:
+        process.poll()  # reaps the launcher, which would otherwise linger as a zombie
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            return time.monotonic() - began
+        time.sleep(0.2)
+    left = subprocess.run(["ps", "-o", "pid,stat,etime,args", "-g", str(process.pid)], capture_output=True, text=True).stdout  # fmt: skip
+    os.killpg(process.pid, 9)
+    raise AssertionError(
+        f"the run's processes were still there {timeout:.0f} s after the stop:\n{left}"
+    )
+
+
+def complete_checkpoints(output_dir: Path) -> list[str]:
+    return sorted(
+        p.name for p in output_dir.glob("checkpoint-*") if (p / "checkpoint-complete").is_file()
+    )

@@ -2,8 +2,8 @@
 
 import json
 import shutil
-import subprocess
 import sys
+from collections import namedtuple
 
 import pytest
 from transformers import T5Config, T5ForConditionalGeneration
@@ -12,6 +12,7 @@ from launch import replace_flag, run, run_clm_plain
 from tiny import REPO, gpt2_tokenizer
 
 sys.path.insert(0, str(REPO))
+import checkpoints
 import run_clm
 
 
@@ -35,33 +36,26 @@ def base(tmp_path, tiny_gpt2, monkeypatch):
     (tmp_path / "train.txt").write_text(
         "Now is the winter of our discontent.\n" * 100, encoding="utf-8"
     )
-    return [
-        "--model_name_or_path",
-        str(tiny_gpt2),
-        "--train_file",
-        "train.txt",
-        "--do_train",
-        "--output_dir",
-        "out",
-    ]
+    return ["--model_name_or_path", str(tiny_gpt2), "--train_file", "train.txt", "--do_train", "--output_dir", "out"]  # fmt: skip
+
+
+def with_train_file(base: list[str], name: str) -> list[str]:
+    return replace_flag(base, "--train_file", name)
 
 
 def test_missing_train_file(capsys, base):
-    argv = base.copy()
-    argv[3] = "nope.csv"
-    fails_with(capsys, argv, "--train_file nope.csv", "no such file")
+    fails_with(capsys, with_train_file(base, "nope.csv"), "--train_file nope.csv", "no such file")
 
 
 def test_unsupported_extension(capsys, base, tmp_path):
     (tmp_path / "train.docx").write_text("x")
-    argv = base.copy()
-    argv[3] = "train.docx"
-    fails_with(capsys, argv, "--train_file train.docx", ".csv")
+    fails_with(capsys, with_train_file(base, "train.docx"), "--train_file train.docx", ".csv")
 
 
-def test_not_utf8(capsys, base, tmp_path):
-    (tmp_path / "train.txt").write_bytes("Première ligne\n".encode("latin-1"))
-    fails_with(capsys, base, "--train_file train.txt", "not UTF-8", "offset 5", "iconv")
+@pytest.mark.parametrize("name", ["train.txt", "train.jsonl"])
+def test_not_utf8(capsys, base, tmp_path, name):
+    (tmp_path / name).write_bytes('{"text": "Première"}\n'.encode("latin-1"))
+    fails_with(capsys, with_train_file(base, name), f"--train_file {name}", "not UTF-8", "offset 15", "iconv")  # fmt: skip
 
 
 @pytest.mark.parametrize("content", ["", "   \n\n\t\n"])
@@ -72,9 +66,50 @@ def test_empty_train_file(capsys, base, tmp_path, content):
 
 def test_csv_without_text_column(capsys, base, tmp_path):
     (tmp_path / "train.csv").write_text("title,body\nHamlet,To be\n", encoding="utf-8")
-    argv = base.copy()
-    argv[3] = "train.csv"
-    fails_with(capsys, argv, "--train_file train.csv", "no `text` column", "title, body")
+    fails_with(capsys, with_train_file(base, "train.csv"), "--train_file train.csv", "no `text` column", "title, body")  # fmt: skip
+
+
+GOOD = {"prompt": "Q: Who wrote Hamlet?\nA:", "completion": " Shakespeare."}
+BAD_RECORDS = {
+    "no known field": (
+        [GOOD, {"question": "Why?", "answer": "Because."}],
+        "line 2: none of the known fields",
+        "question, answer",
+    ),
+    "mixed shapes": (
+        [GOOD, {"text": "plain text"}],
+        "line 2: a text record in a file of completion records",
+        "one shape per file",
+    ),
+    "unknown role": (
+        [{"messages": [{"role": "narrator", "content": "Once"}]}],
+        "line 1: unknown role 'narrator'",
+        "system, user, assistant",
+    ),
+    "empty completion": (
+        [GOOD, GOOD, {"prompt": "Q: And?", "completion": "  "}],
+        "line 3: the completion is empty",
+        "its answer",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_RECORDS)
+def test_a_bad_record_names_the_file_and_line(capsys, base, tmp_path, case):
+    items, *fragments = BAD_RECORDS[case]
+    (tmp_path / "train.jsonl").write_text(
+        "".join(json.dumps(i) + "\n" for i in items), encoding="utf-8"
+    )
+    fails_with(capsys, with_train_file(base, "train.jsonl"), "--train_file train.jsonl", *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+def test_broken_json_names_the_line(capsys, base, tmp_path):
+    (tmp_path / "train.jsonl").write_text(
+        json.dumps(GOOD) + '\n{"prompt": "Q:", "completion" " A"}\n'
+    )
+    fails_with(capsys, with_train_file(base, "train.jsonl"), "train.jsonl: line 2: broken JSON")
+    assert not (tmp_path / "out").exists()
 
 
 def test_data_shorter_than_one_block(capsys, base, tmp_path):
@@ -85,36 +120,62 @@ def test_data_shorter_than_one_block(capsys, base, tmp_path):
 
 
 def test_missing_deepspeed_config(capsys, base):
-    fails_with(
-        capsys, [*base, "--deepspeed", "ds_nope.json"], "--deepspeed ds_nope.json", "no such file"
-    )
+    fails_with(capsys, [*base, "--deepspeed", "ds_nope.json"], "--deepspeed ds_nope.json", "no such file")  # fmt: skip
 
 
 def test_malformed_deepspeed_config(capsys, base, tmp_path):
-    (tmp_path / "ds.json").write_text('{\n  "zero_optimization": {\n    "stage": 2,\n  }\n}\n')
-    fails_with(capsys, [*base, "--deepspeed", "ds.json"], "--deepspeed ds.json", "line 4")
+    (tmp_path / "ds.json").write_text('{\n  "zero_optimization": {\n    "stage": 2\n    "overlap_comm": true\n  }\n}\n')  # fmt: skip
+    fails_with(capsys, [*base, "--deepspeed", "ds.json"], "--deepspeed ds.json", "line 4, column 5")
 
 
-def test_conflicting_precision_flags(capsys, base):
-    fails_with(capsys, [*base, "--fp16", "--bf16"], "--fp16 and --bf16")
+FLAG_CASES = {
+    "precision": (["--fp16", "--bf16"], ["--fp16 and --bf16"]),
+    "4-bit on a CPU": (
+        ["--use_peft", "--load_in_4bit"],
+        ["--load_in_4bit needs a CUDA GPU", "Drop it"],
+    ),
+    "8-bit optimizer on a CPU": (
+        ["--optim", "paged_adamw_8bit"],
+        ["--optim paged_adamw_8bit needs a CUDA GPU"],
+    ),
+    "two optimizers": (
+        ["--deepspeed", str(REPO / "ds_config.json"), "--optim", "adamw_torch_fused"],
+        ['"optimizer" block of', "drop --optim"],
+    ),
+    "weights-only checkpoints": (
+        ["--deepspeed", str(REPO / "ds_config.json"), "--save_only_model"],
+        ["cannot resume from", "drop --save_only_model"],
+    ),
+    "typo": (
+        ["--lerning_rate", "1e-4"],
+        ["unrecognized argument --lerning_rate; did you mean --learning_rate?"],
+    ),
+    "streaming": (["--streaming"], ["--streaming is not supported", "drop the flag"]),
+    "overrides of a pretrained model": (
+        ["--config_overrides", "n_embd=8"],
+        ["use it with --model_type"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", FLAG_CASES)
+def test_flags_that_cannot_work_together_are_refused_before_anything_loads(capsys, base, tmp_path, case):  # fmt: skip
+    extra, fragments = FLAG_CASES[case]
+    fails_with(capsys, [*base, *extra], *fragments)
+    assert not (tmp_path / "out").exists()
 
 
 def test_model_folder_without_config(capsys, base, tmp_path):
     (tmp_path / "empty-model").mkdir()
-    argv = base.copy()
-    argv[1] = "empty-model"
+    argv = replace_flag(base, "--model_name_or_path", "empty-model")
     fails_with(capsys, argv, "--model_name_or_path empty-model", "config.json")
 
 
 def test_model_that_is_not_a_causal_lm(capsys, base, tmp_path):
     folder = tmp_path / "t5"
-    T5ForConditionalGeneration(
-        T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8)
-    ).save_pretrained(folder)
+    T5ForConditionalGeneration(T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8)).save_pretrained(folder)  # fmt: skip
     gpt2_tokenizer().save_pretrained(folder)
-    argv = base.copy()
-    argv[1] = str(folder)
-    fails_with(capsys, argv, "not a causal language model (t5)")
+    fails_with(capsys, replace_flag(base, "--model_name_or_path", str(folder)), "not a causal language model (t5)")  # fmt: skip
 
 
 def test_rerun_of_finished_run_keeps_the_model(capsys, base, tmp_path, tiny_gpt2):
@@ -124,6 +185,19 @@ def test_rerun_of_finished_run_keeps_the_model(capsys, base, tmp_path, tiny_gpt2
     before = (finished / "model.safetensors").read_bytes()
     fails_with(capsys, base, "--output_dir out", "finished model", "--overwrite_output_dir")
     assert (finished / "model.safetensors").read_bytes() == before
+
+
+def test_overwrite_output_dir_with_bad_data_deletes_nothing(capsys, base, tmp_path):
+    """--overwrite_output_dir clears old checkpoints only once the data and model are known good."""
+    sealed = tmp_path / "out" / "checkpoint-3"
+    sealed.mkdir(parents=True)
+    (sealed / "checkpoint-complete").write_text("sealed\n")
+    (tmp_path / "out" / "all_results.json").write_text("{}")
+    (tmp_path / "train.txt").write_bytes(b"caf\xe9\n")
+    fails_with(capsys, [*base, "--overwrite_output_dir"], "not UTF-8")
+    assert (sealed / "checkpoint-complete").is_file() and (
+        tmp_path / "out" / "all_results.json"
+    ).is_file()
 
 
 def test_error_through_the_launcher_has_no_traceback(tmp_path, tiny_gpt2):
@@ -137,27 +211,15 @@ def test_error_through_the_launcher_has_no_traceback(tmp_path, tiny_gpt2):
     )
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 1 MiB filesystem: far too small for a checkpoint of even the tiny model."""
-    mount = tmp_path / "small-disk"
-    mount.mkdir()
-    made = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
-    )
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
-
-
-def test_disk_too_small_for_a_checkpoint_fails_before_training(capsys, base, small_disk):
-    argv = replace_flag(base, "--output_dir", str(small_disk / "out"))
+def test_disk_too_small_for_a_checkpoint_fails_before_training(capsys, base, tmp_path, monkeypatch):
+    # The disk as shutil sees it: 1 MiB free, far too little for a checkpoint of even the tiny model.
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 2**20, 2**20))  # fmt: skip
     err = fails_with(
-        capsys, argv, f"--output_dir {small_disk / 'out'}", "one checkpoint needs about", "GiB"
+        capsys, base, "--output_dir out", "0.0 GiB free, one checkpoint needs about", "GiB"
     )
-    assert "--save_only_model" in err
-    assert not any(small_disk.iterdir())
+    assert "--save_only_model" not in err  # it would make the run impossible to resume
+    assert not list((tmp_path / "out").glob("checkpoint-*"))
 
 
 OOM_SCRIPT = """
@@ -168,7 +230,7 @@ import run_clm
 def out_of_memory(self, *args, **kwargs):
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-run_clm.SealingTrainer.training_step = out_of_memory
+run_clm.GuardedTrainer.training_step = out_of_memory
 run_clm.main()
 """
 
@@ -179,23 +241,13 @@ def test_gpu_out_of_memory_says_what_to_change(tmp_path, tiny_gpt2):
     (tmp_path / "train.txt").write_text(
         "Now is the winter of our discontent.\n" * 100, encoding="utf-8"
     )
-    done = run(
-        [
-            "python",
-            "oom.py",
-            "--model_name_or_path",
-            str(tiny_gpt2),
-            "--train_file",
-            "train.txt",
-            "--do_train",
-        ]
-        + ["--output_dir", "out", "--block_size", "32", "--save_strategy", "no"],
-        cwd=tmp_path,
-    )
+    argv = ["python", "oom.py", "--model_name_or_path", str(tiny_gpt2), "--train_file", "train.txt",
+            "--do_train", "--output_dir", "out", "--block_size", "32", "--save_strategy", "no"]  # fmt: skip
+    done = run(argv, cwd=tmp_path)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(
         "run_clm.py: error: GPU out of memory: lower --per_device_train_batch_size"
     ), last
-    assert "ds_config_zero3.json" in last and "(at step 0)" in last
+    assert "ds_config_zero3.json" in last and "--use_peft" in last and "(at step 0)" in last

@@ -1,47 +1,66 @@
-"""Growing past one GPU's memory and past one process: ZeRO-3, and ZeRO-2 across two ranks."""
+"""More than one process: ranks agree, stop together and resume; ZeRO-3; several nodes.
 
+Two ranks run on this CPU through the real deepspeed launcher (gloo), as they would on two GPUs.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from launch import losses, run, workdir
+from launch import (
+    complete_checkpoints,
+    free_port,
+    losses,
+    read_until_losses,
+    run,
+    start,
+    user_env,
+    wait_for_group,
+    workdir,
+)
 from tiny import gpt2_tokenizer
 
 TEXT = "\n".join(
-    f"{i}: Now is the winter of our discontent made glorious summer." for i in range(200)
+    f"{i}: Now is the winter of our discontent made glorious summer." for i in range(300)
 )
+STEPS = 10
+# The guide-era config people still have: explicit numbers, a scheduler, the old offload key.
+DS_2021 = {
+    "fp16": {"enabled": True, "loss_scale": 0, "loss_scale_window": 1000, "initial_scale_power": 16,
+             "hysteresis": 2, "min_loss_scale": 1},
+    "optimizer": {"type": "AdamW", "params": {"lr": 3e-5, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 3e-7}},
+    "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 3e-5, "warmup_num_steps": 500}},
+    "zero_optimization": {"stage": 2, "allgather_partitions": True, "allgather_bucket_size": 2e8,
+                          "overlap_comm": True, "reduce_scatter": True, "reduce_bucket_size": 2e8,
+                          "contiguous_gradients": True, "cpu_offload": True},
+    "train_batch_size": 16,
+    "train_micro_batch_size_per_gpu": 8,
+    "steps_per_print": 2000,
+    "wall_clock_breakdown": False,
+}  # fmt: skip
 
 
-def train(
-    folder: Path, model: Path, config: str, ranks: int, batch: int, out: str, *extra: str
-) -> str:
-    argv = [
-        "deepspeed", f"--num_gpus={ranks}", "run_clm.py", "--deepspeed", config,
-        "--model_name_or_path", str(model), "--train_file", "train.txt", "--do_train", "--output_dir", out,
-        "--max_steps", "5", "--block_size", "32", "--per_device_train_batch_size", str(batch),
-        "--learning_rate", "1e-3", "--logging_steps", "1", *extra,
+def command(model: Path, ranks: int, batch: int, out: str, config: str = "ds_config.json", *extra: str) -> list[str]:  # fmt: skip
+    return [
+        "deepspeed", "--master_port", str(free_port()), f"--num_gpus={ranks}", "run_clm.py",
+        "--deepspeed", config, "--model_name_or_path", str(model), "--train_file", "train.txt",
+        "--do_train", "--output_dir", out, "--max_steps", str(STEPS), "--block_size", "32",
+        "--per_device_train_batch_size", str(batch), "--learning_rate", "1e-3", "--logging_steps", "1",
+        "--fp16", *extra,
     ]  # fmt: skip
+
+
+def finish(argv: list[str], folder: Path) -> str:
     done = run(argv, cwd=folder)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout + done.stderr
-
-
-def test_zero3_trains_in_bf16_and_saves_a_normal_model_folder(tmp_path, tiny_gpt2):
-    """--bf16 on a CPU works (the script sets use_cpu); ZeRO-3 gathers the weights at save."""
-    folder = workdir(tmp_path)
-    (folder / "train.txt").write_text(TEXT, encoding="utf-8")
-    log = train(folder, tiny_gpt2, "ds_config_zero3.json", 1, 4, "z3", "--bf16")
-    assert "DeepSpeed ZeRO stage 3: DeepSpeedZeroOptimizer_Stage3 over DeepSpeedCPUAdam" in log
-    reloaded = AutoModelForCausalLM.from_pretrained(folder / "z3")
-    original = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
-    assert reloaded.num_parameters() == original.num_parameters()
-    assert reloaded.dtype == torch.bfloat16
-    # Trained, gathered whole: every weight is present and the embeddings moved.
-    assert not torch.equal(
-        reloaded.transformer.wte.weight, original.transformer.wte.weight.to(torch.bfloat16)
-    )
 
 
 @pytest.fixture(scope="module")
@@ -49,30 +68,136 @@ def no_dropout_model(tmp_path_factory) -> Path:
     """Dropout draws different masks on different ranks; without it both layouts compute the same thing."""
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("models") / "tiny-gpt2-nodropout"
-    config = GPT2Config(
-        n_layer=2, n_head=2, n_embd=64, n_positions=128, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0
-    )
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=128, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)  # fmt: skip
     GPT2LMHeadModel(config).save_pretrained(path)
     gpt2_tokenizer().save_pretrained(path)
     return path
 
 
-def test_two_ranks_partition_zero2_and_match_one_rank(tmp_path, no_dropout_model):
-    folder = workdir(tmp_path)
-    (folder / "train.txt").write_text(TEXT, encoding="utf-8")
-    train(folder, no_dropout_model, "ds_config.json", ranks=1, batch=4, out="one")
-    train(
-        folder, no_dropout_model, "ds_config.json", ranks=2, batch=2, out="two"
-    )  # same global batch of 4
-    shards = sorted(
-        p.name for p in (folder / "two" / "checkpoint-5" / "global_step5").glob("*optim_states.pt")
-    )
-    assert shards == [
-        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    path = workdir(tmp_path_factory.mktemp("scale"))
+    (path / "train.txt").write_text(TEXT, encoding="utf-8")
+    (path / "ds_config_2021.json").write_text(json.dumps(DS_2021, indent=2), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_rank(folder, no_dropout_model) -> str:
+    """One process, batch 4, with the 2021 config."""
+    return finish(command(no_dropout_model, 1, 4, "one", "ds_config_2021.json"), folder)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(folder, no_dropout_model) -> dict[int, float]:
+    """Two processes, batch 2 each: the same global batch of 4. Never interrupted."""
+    finish(command(no_dropout_model, 2, 2, "two"), folder)
+    return losses(folder / "two")
+
+
+def test_a_2021_config_trains_with_the_command_lines_numbers(one_rank, folder):
+    assert "DeepSpeed ZeRO stage 2: DeepSpeedZeroOptimizer over DeepSpeedCPUAdam, optimizer offloaded to cpu" in one_rank  # fmt: skip
+    notes = [
+        line for line in one_rank.splitlines() if "the command line decides, not the JSON" in line
     ]
-    one, two = losses(folder / "one"), losses(folder / "two")
-    assert sorted(one) == sorted(two) == [1, 2, 3, 4, 5]
+    assert len(notes) == 1, one_rank[-3000:]
+    for change in ('"cpu_offload" is now "offload_optimizer": {"device": "cpu"}',
+                   "scheduler WarmupLR -> --lr_scheduler_type linear", "optimizer.params.lr 3e-05 -> 0.001",
+                   "fp16.enabled true -> false"):  # fmt: skip
+        assert change in notes[0], notes[0]
+    steps = losses(folder / "one")
+    assert sorted(steps) == list(range(1, STEPS + 1))
+    assert steps[STEPS] < steps[1] - 0.5, steps  # it learns: the 2021 warm-up from 0 is gone
+
+
+def test_two_ranks_partition_zero2_and_match_one_rank(one_rank, two_ranks, folder):
+    shards = sorted(p.name for p in (folder / "two" / f"checkpoint-{STEPS}" / f"global_step{STEPS}").glob("*optim_states.pt"))  # fmt: skip
+    assert shards == ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]  # fmt: skip
+    one = losses(folder / "one")
+    assert sorted(one) == sorted(two_ranks) == list(range(1, STEPS + 1))
     for step in one:
         # Same examples, same updates; only the order of floating-point sums differs.
-        assert two[step] == pytest.approx(one[step], rel=1e-4), (step, one, two)
+        assert two_ranks[step] == pytest.approx(one[step], rel=1e-4), (step, one, two_ranks)
+
+
+def rank_pids(out: str, rank: str = "[0-9]") -> list[int]:
+    """The training processes (not the launchers) of a run, as `pgrep` finds them."""
+    pattern = f"run_clm.py --local_rank={rank} .*--output_dir {out} "
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
+    return [int(pid) for pid in found.stdout.split()]
+
+
+def interrupt(folder: Path, model: Path, out: str, how: str) -> tuple[str, float]:
+    """Start a two-rank run, signal it after its third logged step, return its log and exit time."""
+    run_ = start(command(model, 2, 2, out), folder)
+    seen = read_until_losses(run_, 3)
+    if how == "group":  # what systemd, SLURM's scancel and Ctrl-C do
+        os.killpg(run_.pid, signal.SIGTERM)
+    elif how == "one rank":  # a scheduler that signals one process, or the launcher's one-by-one
+        (rank,) = rank_pids(out, "1")
+        os.kill(rank, signal.SIGTERM)
+    else:  # `kill` of the deepspeed command, which forwards nothing on one node
+        os.kill(run_.pid, signal.SIGTERM)
+    seen.extend(run_.stdout)
+    return "".join(seen), wait_for_group(run_)
+
+
+@pytest.mark.parametrize("how", ["group", "one rank"])
+def test_sigterm_stops_every_rank_at_one_checkpoint_and_the_same_command_resumes(folder, no_dropout_model, two_ranks, how):  # fmt: skip
+    out = f"stopped-{how.replace(' ', '-')}"
+    log, seconds = interrupt(folder, no_dropout_model, out, how)
+    assert seconds < 60
+    assert "SIGTERM received: finishing this step, then saving a checkpoint." in log
+    assert "checkpoint saved. Run the same command again to resume." in log
+    saved = complete_checkpoints(folder / out)
+    assert len(saved) == 1 and list((folder / out).glob("checkpoint-*")) == [folder / out / saved[0]], log[-3000:]  # fmt: skip
+    stopped_at = int(saved[0].split("-")[1])
+    assert 3 <= stopped_at < STEPS
+    assert len(list((folder / out / saved[0] / f"global_step{stopped_at}").glob("*optim_states.pt"))) == 2  # fmt: skip
+    resumed = finish(command(no_dropout_model, 2, 2, out), folder)
+    assert f"resuming from {out}/checkpoint-{stopped_at}" in resumed
+    after = losses(folder / out)
+    assert sorted(after) == list(range(1, STEPS + 1))
+    for step in range(stopped_at + 1, STEPS + 1):
+        assert after[step] == pytest.approx(two_ranks[step], rel=1e-5), (step, after, two_ranks)
+
+
+def test_killing_the_deepspeed_command_still_checkpoints_and_stops_the_ranks(folder, no_dropout_model):  # fmt: skip
+    log, seconds = interrupt(folder, no_dropout_model, "orphaned", "launcher")
+    assert seconds < 60 and not rank_pids("orphaned")
+    saved = complete_checkpoints(folder / "orphaned")
+    assert len(saved) == 1 and 3 <= int(saved[0].split("-")[1]) < STEPS, log[-3000:]
+
+
+def test_zero3_trains_in_bf16_and_saves_a_normal_model_folder(folder, tiny_gpt2):
+    """--bf16 on a CPU works (the script sets use_cpu); ZeRO-3 gathers the weights at save."""
+    argv = command(tiny_gpt2, 1, 4, "z3", "ds_config_zero3.json", "--max_steps", "4", "--save_strategy", "no")  # fmt: skip
+    log = finish([a for a in argv if a != "--fp16"] + ["--bf16"], folder)
+    assert "DeepSpeed ZeRO stage 3: DeepSpeedZeroOptimizer_Stage3 over DeepSpeedCPUAdam" in log
+    reloaded = AutoModelForCausalLM.from_pretrained(folder / "z3")
+    original = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+    assert reloaded.num_parameters() == original.num_parameters()
+    assert reloaded.dtype == torch.bfloat16
+    # Trained, gathered whole: every weight is present and the embeddings moved.
+    assert not torch.equal(reloaded.transformer.wte.weight, original.transformer.wte.weight.to(torch.bfloat16))  # fmt: skip
+
+
+def test_an_output_dir_the_nodes_do_not_share_is_refused_on_every_node(tmp_path, tiny_gpt2):
+    """Two "nodes" on this machine: each sees its own out/, as on nodes without a shared disk."""
+    port, nodes = str(free_port()), []
+    for rank in (0, 1):
+        node = workdir(tmp_path / f"node{rank}")
+        (node / "train.txt").write_text(TEXT, encoding="utf-8")
+        argv = ["torchrun", "--nnodes=2", f"--node_rank={rank}", "--nproc_per_node=1",
+                "--master_addr=127.0.0.1", f"--master_port={port}", "run_clm.py",
+                "--model_name_or_path", str(tiny_gpt2), "--train_file", "train.txt", "--do_train",
+                "--output_dir", "out", "--max_steps", "2", "--block_size", "32"]  # fmt: skip
+        nodes.append(subprocess.Popen(argv, cwd=node, env=user_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))  # fmt: skip
+    began = time.monotonic()
+    for process in nodes:
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode != 0
+        errors = [line for line in stderr.splitlines() if line.startswith("run_clm.py: error: ")]
+        assert errors and "--output_dir out: not shared by all nodes" in errors[0] and "--save_on_each_node" in errors[0], stderr[-3000:]  # fmt: skip
+    assert time.monotonic() - began < 120
+    assert not (tmp_path / "node0" / "out" / "checkpoint-1").exists()

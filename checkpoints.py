@@ -1,0 +1,304 @@
+"""Checkpoints that survive preemption, and the decisions every rank of a run takes together.
+
+- A checkpoint counts only once every file in it is on disk and a `checkpoint-complete` marker
+  is written last; older ones are rotated out only after that (`Sealer`).
+- A stop (SIGTERM, Ctrl-C, or the launcher that started this rank going away) is agreed on by
+  all ranks at the end of an optimizer step, so they save one checkpoint together (`StopOnSignal`).
+- A loss that stays NaN or infinite ends the run on every rank at the same step (`NonFiniteGuard`).
+- Re-running the same command resumes from the newest complete checkpoint (`resume_plan`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import torch
+import torch.distributed as dist
+from accelerate import PartialState
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from common import UserError, is_main_process, say
+
+PROG = "run_clm.py"
+COMPLETE_MARKER = "checkpoint-complete"
+# Written last, after training and evaluation both succeeded: its presence means "finished".
+FINAL_MARKER = "all_results.json"
+# The stop reason shared by all ranks when the launcher is gone: it is SIGHUP's job description.
+LAUNCHER_GONE = int(signal.SIGHUP)
+
+
+def checkpoints_in(output_dir: Path) -> list[Path]:
+    """checkpoint-N folders, oldest step first."""
+    found = []
+    for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        step = path.name.rsplit("-", 1)[1]
+        if path.is_dir() and step.isdigit():
+            found.append((int(step), path))
+    return [path for _, path in sorted(found)]
+
+
+def is_complete(checkpoint: Path) -> bool:
+    return (checkpoint / COMPLETE_MARKER).is_file()
+
+
+def fsync_path(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename, so a crash leaves the old file or the new one."""
+    scratch = path.with_name(f".{path.name}.tmp")
+    scratch.write_text(text, encoding="utf-8")
+    fsync_path(scratch)
+    os.replace(scratch, path)
+    fsync_path(path.parent)
+
+
+def seal(checkpoint: Path) -> None:
+    """Mark a checkpoint complete once every file in it is on disk, so a power cut cannot fake one."""
+    for path in sorted(checkpoint.rglob("*"), reverse=True):
+        fsync_path(path)
+    fsync_path(checkpoint)
+    write_atomically(
+        checkpoint / COMPLETE_MARKER,
+        "every file of this checkpoint was on disk when this was written\n",
+    )
+
+
+def prune(output_dir: Path, keep: int | None, protect: Path | None) -> None:
+    """Drop the oldest complete checkpoints beyond --save_total_limit, never the newest one."""
+    if not keep or keep <= 0:
+        return
+    complete = [c for c in checkpoints_in(output_dir) if is_complete(c)]
+    for old in complete[: max(0, len(complete) - keep)]:
+        if old != protect:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def agreed_max(value: torch.Tensor) -> int:
+    """The largest of `value` over all ranks (the value itself in a one-process run)."""
+    if dist.is_available() and dist.is_initialized():
+        value = value.to(PartialState().device, dtype=torch.float32)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value.item())
+
+
+def wait_for_everyone() -> None:
+    if dist.is_available() and dist.is_initialized():
+        PartialState().wait_for_everyone()
+
+
+class Sealer(TrainerCallback):
+    """Seals each checkpoint after all ranks wrote their part, then applies --save_total_limit.
+
+    The Trainer's own rotation runs before a checkpoint is complete, so it is switched off
+    (save_total_limit None) and done here, after the seal.
+    """
+
+    def __init__(self, keep: int | None) -> None:
+        self.keep = keep
+
+    def on_save(self, args, state, control, **kwargs):
+        wait_for_everyone()
+        if args.should_save:
+            output_dir = Path(args.output_dir)
+            seal(output_dir / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            best = Path(state.best_model_checkpoint) if state.best_model_checkpoint else None
+            prune(output_dir, self.keep, best)
+        wait_for_everyone()
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGTERM, Ctrl-C, or a launcher gone: every rank finishes the step, checkpoints it, stops.
+
+    The deepspeed launcher signals its ranks one after another and a scheduler may signal just
+    one, so a rank that saw nothing still has to stop at the same step as the one that did:
+    the stop reason is all-reduced at the end of every optimizer step.
+    """
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.reason = 0  # agreed by all ranks: a signal number, LAUNCHER_GONE, or 0
+        self.previous = {
+            sig: signal.signal(sig, self._note) for sig in (signal.SIGTERM, signal.SIGINT)
+        }
+        self.watched = watched_launcher()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        # A caller of run_clm.main() in its own process gets its signal handlers back.
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _note(self, signum: int, _frame) -> None:
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C means now
+        self.received = signum
+        say(
+            PROG,
+            f"{signal.Signals(signum).name} received: finishing this step, then saving a checkpoint.",
+            every_rank=True,
+        )
+
+    def launcher_gone(self) -> bool:
+        """True once the process that launched this rank, or the command above it, has exited."""
+        for pid, parent in self.watched:
+            try:
+                if psutil.Process(pid).ppid() != parent:
+                    return True
+            except psutil.NoSuchProcess:
+                return True
+        return False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        local = self.received or (LAUNCHER_GONE if self.watched and self.launcher_gone() else 0)
+        self.reason = agreed_max(torch.tensor(local))
+        if self.reason:
+            if self.reason == LAUNCHER_GONE and not self.received:
+                say(PROG, "the launcher is gone: saving a checkpoint, then stopping.")
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+def watched_launcher() -> list[tuple[int, int]]:
+    """(pid, its parent) pairs to watch under a launcher; nothing for a plain `python run_clm.py`.
+
+    Under `deepspeed` on one node, a rank's parent is deepspeed.launcher.launch and its parent
+    the `deepspeed` command, which has no signal handler: `kill` of it leaves the ranks training
+    on with nobody to stop them. Under torchrun the parent is the elastic agent.
+    """
+    if "LOCAL_RANK" not in os.environ:
+        return []
+    launcher = psutil.Process(os.getppid())
+    watched = [(os.getpid(), launcher.pid)]
+    if any("deepspeed.launcher.launch" in part for part in launcher.cmdline()):
+        watched.append((launcher.pid, launcher.ppid()))
+    return watched
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Stops every rank together when the loss was NaN/inf for too many micro-steps in a row.
+
+    Losses are counted on the device as they come (no host sync per micro-step); the ranks
+    compare counts only when the Trainer logs, saves or stops anyway.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.streak: torch.Tensor | None = None
+        self.worst: torch.Tensor | None = None
+
+    def observe(self, loss: torch.Tensor) -> None:
+        if self.limit <= 0:
+            return
+        bad = ~torch.isfinite(loss.detach())
+        if self.streak is None:
+            self.streak = torch.zeros((), device=loss.device)
+            self.worst = torch.zeros((), device=loss.device)
+        self.streak = torch.where(bad, self.streak + 1, torch.zeros_like(self.streak))
+        self.worst = torch.maximum(self.worst, self.streak)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.limit <= 0 or not (
+            control.should_log or control.should_save or control.should_training_stop
+        ):
+            return control
+        worst = agreed_max(self.worst if self.worst is not None else torch.zeros(()))
+        if self.worst is not None:
+            self.worst = self.streak.clone()
+        if worst >= self.limit:
+            raise UserError(
+                f"the loss was NaN/inf for {worst} micro-steps in a row (by step {state.global_step}); "
+                "training on it would only ruin the model. Try --bf16 instead of --fp16 (GPT-Neo "
+                "overflows in fp16), a lower --learning_rate, or more --warmup_steps."
+            )
+        return control
+
+
+@dataclass
+class ResumePlan:
+    """Where to start, and what to delete first, decided before anything is deleted."""
+
+    checkpoint: str | None = None
+    delete: list[Path] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)
+
+
+def resume_plan(output_dir: Path, overwrite: bool, explicit: str | None) -> ResumePlan:
+    """The checkpoint to continue from and the folders to clear; raises for a finished run."""
+    if explicit:
+        if not is_complete(Path(explicit)):
+            raise UserError(
+                f"--resume_from_checkpoint {explicit}: not a complete checkpoint (no {COMPLETE_MARKER} "
+                "file); pick another checkpoint-N folder or drop the flag."
+            )
+        return ResumePlan(checkpoint=explicit)
+    if not output_dir.is_dir():
+        return ResumePlan()
+    found = checkpoints_in(output_dir)
+    if overwrite:
+        # Without the old run's results, an interrupted fresh run resumes instead of being called finished.
+        old_results = [output_dir / FINAL_MARKER] if (output_dir / FINAL_MARKER).exists() else []
+        message = f"--overwrite_output_dir: deleting {len(found)} old checkpoint(s) in {output_dir}, starting fresh."
+        return ResumePlan(delete=found + old_results, messages=[message] if found else [])
+    if (output_dir / FINAL_MARKER).is_file() and (output_dir / "config.json").is_file():
+        raise UserError(
+            f"--output_dir {output_dir}: already holds a finished model; pass --overwrite_output_dir to "
+            "train it again from the start, or choose another --output_dir."
+        )
+    plan = ResumePlan()
+    for checkpoint in found:
+        if not is_complete(checkpoint):
+            plan.delete.append(checkpoint)
+            plan.messages.append(
+                f"removing {checkpoint}: it was being written when the last run stopped."
+            )
+    complete = [c for c in found if is_complete(c)]
+    if complete:
+        plan.checkpoint = str(complete[-1])
+        plan.messages.append(
+            f"resuming from {complete[-1]} (pass --overwrite_output_dir to start fresh)."
+        )
+    return plan
+
+
+def carry_out(plan: ResumePlan) -> None:
+    """Delete what the plan names (rank 0 only), once the data and the model have been checked."""
+    for message in plan.messages:
+        say(PROG, message)
+    if is_main_process():
+        for path in plan.delete:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+    wait_for_everyone()
+
+
+def checkpoint_bytes(saved: int, trainable: int, weight_bytes: int, deepspeed: bool) -> int:
+    """Disk one checkpoint takes: the weights it saves (the model, or only a LoRA adapter),
+    DeepSpeed's own copy of them, and for each trainable parameter Adam's fp32 master copy and
+    two moments (12 bytes), which even a LoRA run keeps."""
+    return saved * weight_bytes * (2 if deepspeed else 1) + trainable * 12
+
+
+def check_disk(output_dir: Path, needed: int) -> None:
+    probe = output_dir
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise UserError(
+            f"--output_dir {output_dir}: {free / 2**30:.1f} GiB free, one checkpoint needs about "
+            f"{needed / 2**30:.1f} GiB; free space, or point --output_dir at a bigger disk."
+        )
