@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from typing import NoReturn
@@ -57,6 +58,8 @@ def number(kind: type, low: float, high: float | None = None, above: bool = Fals
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if (value <= low if above else value < low) or (high is not None and value > high):
             bound = f"above {low}" if above else f"at least {low}"
             raise argparse.ArgumentTypeError(

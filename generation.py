@@ -1,21 +1,31 @@
 """What run_generation.py and run_generate_neo.py share.
 
 Both scripts answer the same questions before they can sample: where to run (GPU or CPU), in which
-precision, whether the path they were given is a model directory written by run_clm.py, and how
-the sampling flags map onto `model.generate()`. Each answer lives here once.
+precision, whether the path they were given is a model (or LoRA adapter) folder written by
+run_clm.py, how a prompt or a conversation becomes token ids, and where a generation ends. Each
+answer lives here once.
 """
 
 from __future__ import annotations
 
-import argparse
+import importlib.util
+import json
 import os
-import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from jinja2 import TemplateError
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
+from common import UserError, note, number
+
+# stdout holds the generated text and stderr our own notes: the loading bars would be a third voice.
+hf_logging.disable_progress_bar()
+
+DEFAULT_CHAT_TEMPLATE = Path(__file__).resolve().with_name("chat_template.jinja")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # AutoTokenizer can build a tokenizer from any one of these sets of files.
 TOKENIZER_FILE_SETS: tuple[tuple[str, ...], ...] = (
     ("tokenizer.json",),
@@ -26,26 +36,13 @@ TOKENIZER_FILE_SETS: tuple[tuple[str, ...], ...] = (
 TOKENIZER_FILES_WANTED = (
     "tokenizer.json, vocab.json + merges.txt, tokenizer_config.json or tokenizer.model"
 )
+ADAPTER_CONFIG = "adapter_config.json"
 
-
-class UserError(Exception):
-    """A path, model or prompt we cannot work with, explained in one line for the user."""
-
-
-def one_line(text: str) -> str:
-    """Library messages span lines; the user gets them as one."""
-    return " ".join(text.split())
-
-
-def fail(prog: str, message: str) -> NoReturn:
-    """Exit with status 2 and a single line on stderr, the way argparse reports bad arguments."""
-    sys.stderr.write(f"{prog}: error: {one_line(message)}\n")
-    raise SystemExit(2)
-
-
-def note(prog: str, message: str) -> None:
-    """Tell the user something on stderr, so that stdout holds nothing but generated text."""
-    print(f"{prog}: {message}", file=sys.stderr, flush=True)
+positive_int = number(int, 1)
+non_negative_int = number(int, 0)
+non_negative_float = number(float, 0)
+positive_float = number(float, 0, above=True)
+probability = number(float, 0, 1, above=True)
 
 
 def choose_device(use_cpu: bool) -> torch.device:
@@ -55,10 +52,30 @@ def choose_device(use_cpu: bool) -> torch.device:
     return torch.device("cuda")
 
 
-def choose_dtype(device: torch.device, half: bool) -> torch.dtype:
-    """float16 only on a GPU: CPUs run it slowly or not at all, so they always get float32."""
-    if half and device.type == "cuda":
-        return torch.float16
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def choose_dtype(
+    prog: str, device: torch.device, wanted: str, saved: torch.dtype, who: str
+) -> torch.dtype:
+    """The dtype asked for, or the one the model was saved in; float32 where the device lacks it.
+
+    A CPU has no usable float16, a pre-Ampere GPU no bfloat16. `who` starts the note that says so:
+    the flag that asked ("--fp16"), or "finetuned is saved in float16, which".
+    """
+    dtype = saved if wanted == "auto" else DTYPES[wanted]
+    if dtype == torch.float16 and device.type == "cpu":
+        needs = "a GPU; running in float32 on the CPU"
+    elif (
+        dtype == torch.bfloat16
+        and device.type == "cuda"
+        and not torch.cuda.is_bf16_supported(including_emulation=False)
+    ):
+        needs = "an Ampere or newer GPU; running in float32"
+    else:
+        return dtype
+    note(prog, f"{who} needs {needs}")
     return torch.float32
 
 
@@ -70,8 +87,8 @@ def looks_like_local_path(name: str) -> bool:
 
 
 def check_model_dir(path: Path, name: str) -> None:
-    """Raise UserError unless `path` holds a model config and a tokenizer, as run_clm.py saves them."""
-    if not (path / "config.json").is_file():
+    """Raise UserError unless `path` holds a model (or adapter) config and a tokenizer."""
+    if not any((path / config).is_file() for config in ("config.json", ADAPTER_CONFIG)):
         raise UserError(
             f"{name} has no config.json, so it is not a model directory "
             "(pass the --output_dir that run_clm.py wrote)"
@@ -97,27 +114,53 @@ def resolve_source(name: str) -> tuple[str, bool]:
     return name, False
 
 
-def load_model(
-    prog: str, name: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool
-) -> tuple[Any, Any]:
-    """Load the causal LM and its tokenizer from a model directory or hub id, ready for generate()."""
-    source, is_local = resolve_source(name)
-    # Said only once the path looks right: a big model takes minutes to load, a typo should not.
-    note(prog, f"loading {name} on {device.type} in {str(dtype).removeprefix('torch.')}")
-    try:
-        # The tokenizer first: it is small, so a bad hub id fails before gigabytes of weights load.
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        # transformers 5 always builds the model on the meta device and fills it from the
-        # checkpoint (the old low_cpu_mem_usage); device_map writes the weights straight to the
-        # chosen device, so a GPU run never holds a second copy in RAM.
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, device_map=device.type, trust_remote_code=trust_remote_code
+def base_model(source: str) -> str:
+    """Where the model's config is: a LoRA adapter folder names its base model."""
+    adapter = Path(source) / ADAPTER_CONFIG
+    if not adapter.is_file():
+        return source
+    if importlib.util.find_spec("peft") is None:
+        raise UserError(
+            f"{source} is a LoRA adapter, which needs the peft package: pip install peft, "
+            "or pass the merged model folder that run_clm.py wrote above it"
         )
-    except (OSError, ValueError) as err:
-        # OSError: missing weights, unreachable hub. ValueError: not a causal LM, or remote
-        # code that needs --trust_remote_code. Both are about the input, not a bug here.
+    return json.loads(adapter.read_text(encoding="utf-8"))["base_model_name_or_path"]
+
+
+def load_model(
+    prog: str,
+    name: str,
+    device: torch.device,
+    dtype: str,
+    trust_remote_code: bool,
+    asked_as: str,
+) -> tuple[Any, Any]:
+    """Load the causal LM (or base model + LoRA adapter) and its tokenizer, ready for generate().
+
+    `dtype` is "auto" (the dtype the model was saved in) or a key of DTYPES, asked for by the
+    flag `asked_as` (for the note when the device cannot run it).
+    """
+    source, is_local = resolve_source(name)
+    remote = {"trust_remote_code": trust_remote_code}
+    try:
+        # Config and tokenizer first: they are small, so a bad hub id fails before gigabytes load.
+        config = AutoConfig.from_pretrained(base_model(source), **remote)
+        tokenizer = AutoTokenizer.from_pretrained(source, **remote)
+        saved = getattr(config, "dtype", None) or torch.float32
+        who = asked_as if dtype != "auto" else f"{name} is saved in {dtype_name(saved)}, which"
+        chosen = choose_dtype(prog, device, dtype, saved, who)
+        # Said only once the model is known to exist: its weights may take minutes to load.
+        note(prog, f"loading {name} on {device.type} in {dtype_name(chosen)}")
+        # device_map writes the weights straight to the chosen device, so a GPU run never holds
+        # a second copy in RAM. An adapter folder loads its base model and then the adapter.
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=chosen, device_map=device.type, **remote
+        )
+    except (OSError, ValueError, KeyError) as err:
+        # OSError: missing weights, unreachable hub. ValueError: not a causal LM, or remote code
+        # that needs --trust_remote_code. KeyError: an adapter config without its base model.
         where = name if is_local else f"{name} (not a local directory, tried as a hub model id)"
-        raise UserError(f"cannot load {where}: {one_line(str(err))}") from err
+        raise UserError(f"cannot load {where}: {err}") from err
     model.eval()
     return model, tokenizer
 
@@ -135,18 +178,46 @@ def fit_new_tokens(wanted: int, prompt_tokens: int, limit: int | None) -> int:
     return min(wanted, limit - prompt_tokens)
 
 
-def encode_prompt(tokenizer: Any, text: str, device: torch.device) -> dict[str, torch.Tensor]:
-    """Token ids and attention mask for one prompt; an empty prompt starts from the BOS token."""
-    encoding = tokenizer(text, return_tensors="pt")
-    if encoding["input_ids"].shape[1] == 0:
-        start = (
-            tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        )
-        if start is None:
-            raise UserError("the prompt is empty and the tokenizer has no BOS token to start from")
-        ids = torch.tensor([[start]])
-        encoding = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    return {key: value.to(device) for key, value in encoding.items()}
+def encode(tokenizer: Any, text: str) -> list[int]:
+    """The prompt's ids with the tokenizer's special tokens (Llama's BOS) added once.
+
+    A chat template may already write the BOS text; the tokenizer would then add a second BOS.
+    An empty prompt starts from the BOS (or end-of-text) token.
+    """
+    bos = tokenizer.bos_token
+    ids = tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+    if ids:
+        return ids
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise UserError("the prompt is empty and the tokenizer has no BOS token to start from")
+    return [start]
+
+
+def model_inputs(ids: list[int], device: torch.device) -> dict[str, torch.Tensor]:
+    input_ids = torch.tensor([ids], device=device)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+
+def new_token_ids(sequence: torch.Tensor, prompt_length: int, end_ids: set[int]) -> list[int]:
+    """The continuation's ids, ending before the first end-of-text token (padding follows it)."""
+    ids = sequence[prompt_length:].tolist()
+    for position, token in enumerate(ids):
+        if token in end_ids:
+            return ids[:position]
+    return ids
+
+
+def continuation(tokenizer: Any, prompt_ids: list[int], new_ids: list[int]) -> str:
+    """The text `new_ids` add after the prompt.
+
+    Decoded on their own, SentencePiece tokenizers (Llama) drop the space the first one starts with.
+    """
+    before = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    whole = tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True)
+    if whole.startswith(before):
+        return whole[len(before) :]
+    return tokenizer.decode(new_ids, skip_special_tokens=True)
 
 
 def decoding_kwargs(
@@ -165,55 +236,44 @@ def decoding_kwargs(
     }
 
 
-def end_token_ids(model: Any, tokenizer: Any) -> set[int]:
-    """Every id that ends a sequence: generate() stops at the model's, the tokenizer may add one."""
+def end_token_ids(model: Any, tokenizer: Any, chat_template: str | None = None) -> list[int]:
+    """Every id that ends a sequence: the model's, the tokenizer's, and in a chat the template's."""
     configured = model.generation_config.eos_token_id
-    ids = set(configured if isinstance(configured, list) else [configured])
-    ids.add(tokenizer.eos_token_id)
-    ids.discard(None)
-    return ids
+    ids = [*(configured if isinstance(configured, list) else [configured]), tokenizer.eos_token_id]
+    if chat_template is not None:
+        ids.append(end_of_turn(tokenizer, chat_template))
+    return sorted({token for token in ids if token is not None})
 
 
 def pad_token_id(tokenizer: Any) -> int | None:
-    """GPT-2 and GPT-Neo have no padding token; the end-of-text token stands in, as usual."""
+    """GPT-2, GPT-Neo and Llama have no padding token; the end-of-text token stands in, as usual."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def chat_template(tokenizer: Any) -> str:
+    """The tokenizer's own template, else the repo's, which run_clm.py also trains with."""
+    return tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE.read_text(encoding="utf-8")
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer of at least 0."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+def render(tokenizer: Any, template: str, messages: list[dict], answer_next: bool = True) -> str:
+    """The conversation as the model reads it, ending where the assistant's answer starts."""
+    try:
+        return tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=answer_next
+        )
+    except TemplateError as err:
+        # Some templates refuse a system message or turns out of order: the user's input, not ours.
+        raise UserError(f"the chat template refused the conversation: {err}") from err
 
 
-def non_negative_float(text: str) -> float:
-    """argparse type: a number of at least 0."""
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a number above 0."""
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
-    return value
-
-
-def probability(text: str) -> float:
-    """argparse type: a number in (0, 1]."""
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1, got {text}")
-    return value
+def end_of_turn(tokenizer: Any, template: str) -> int | None:
+    """The special token the template closes an assistant turn with (ChatML's <|im_end|>), if any."""
+    mark = "PROBE_ANSWER"
+    probe = [{"role": "user", "content": "?"}, {"role": "assistant", "content": mark}]
+    text = render(tokenizer, template, probe, answer_next=False)
+    if mark not in text:
+        return None
+    tail = text[text.rindex(mark) + len(mark) :]
+    special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
+    return next((token for token in ids if token in special), None)

@@ -2,36 +2,43 @@
 
     python run_generate_neo.py finetuned
 
-Each prompt gets 400 new tokens, sampled at temperature 0.9, printed as they are generated. Runs
-in float16 on a GPU and in float32 on a CPU. An empty line is skipped; `exit`, end of input
-(Ctrl-D) or Ctrl-C at the prompt quit; Ctrl-C during a generation stops just that generation.
+Each prompt gets 400 new tokens, sampled at temperature 0.9, printed as they are generated, in the
+dtype the model was saved in (float32 on a CPU for a float16 model). With --chat each line is a
+user message, the conversation is kept, and only the answers are printed. An empty line is
+skipped; `exit`, end of input (Ctrl-D) or Ctrl-C at the prompt quit; Ctrl-C during a generation
+stops just that generation.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
 import torch
-from transformers import TextStreamer, set_seed
+from transformers import TextStreamer
 
+from common import UserError, fail, note
 from generation import (
-    UserError,
+    DTYPES,
+    chat_template,
     choose_device,
-    choose_dtype,
+    continuation,
     decoding_kwargs,
-    encode_prompt,
-    fail,
+    encode,
+    end_token_ids,
     fit_new_tokens,
     load_model,
     max_positions,
+    model_inputs,
+    new_token_ids,
     non_negative_float,
     non_negative_int,
-    note,
     pad_token_id,
     positive_int,
     probability,
+    render,
 )
 
 PROG = "run_generate_neo.py"
@@ -89,9 +96,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="run on the CPU even when a GPU is available",
     )
     parser.add_argument(
+        "--dtype",
+        choices=["auto", *DTYPES],
+        default="auto",
+        help="precision to run in (default: auto, the dtype the model was saved in); float16 "
+        "on a CPU runs in float32, with a note",
+    )
+    parser.add_argument(
         "--fp32",
+        action="store_const",
+        const="float32",
+        dest="dtype",
+        help="the old spelling of --dtype float32",
+    )
+    parser.add_argument(
+        "--chat",
         action="store_true",
-        help="keep float32 on the GPU too (default there: float16; the CPU always uses float32)",
+        help="each line is a user message in a conversation rendered with the tokenizer's chat "
+        "template (or the repo's chat_template.jinja); answers end where the model ends them, "
+        "and the oldest turns are dropped when the model's context fills up",
+    )
+    parser.add_argument(
+        "--system",
+        default=None,
+        help="with --chat: a system message that opens the conversation and is never dropped",
     )
     parser.add_argument(
         "--deepspeed",
@@ -108,45 +136,88 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow a hub model to run its own Python code (off by default: only for models you trust)",
     )
+    # One line on stderr, like every other bad input, instead of usage plus the error.
+    parser.error = lambda message: fail(PROG, f"{message} (see --help)")
     return parser
 
 
-def wrap_with_deepspeed(model: Any, dtype: torch.dtype, kernel_inject: bool) -> Any:
+def wrap_with_deepspeed(model: Any, device: torch.device, kernel_inject: bool) -> Any:
     """Return the model as DeepSpeed inference prepared it (the engine's .module)."""
+    # Left to guess, DeepSpeed picks the GPU even under --use_cpu, and says so on stdout.
+    os.environ.setdefault("DS_ACCELERATOR", device.type)
     try:
         # Imported here: DeepSpeed is optional for sampling and slow to import.
         import deepspeed
     except ImportError as err:
         raise UserError(f"--deepspeed needs the deepspeed package: {err}") from err
-    # dtype must be given: DeepSpeed's default is float16, which it refuses on a CPU.
-    engine = deepspeed.init_inference(model, dtype=dtype, replace_with_kernel_inject=kernel_inject)
+    # dtype must be given, the model's own: DeepSpeed's default is float16, which a CPU refuses.
+    engine = deepspeed.init_inference(
+        model, dtype=model.dtype, replace_with_kernel_inject=kernel_inject
+    )
     return engine.module
 
 
-def stream_one(model: Any, tokenizer: Any, prompt: str, args: argparse.Namespace) -> None:
-    """Generate a continuation of `prompt`, printing prompt and tokens as they come."""
-    inputs = encode_prompt(tokenizer, prompt, model.device)
-    prompt_length = inputs["input_ids"].shape[1]
+def fit_conversation(
+    tokenizer: Any, template: str, messages: list[dict], room: int | None
+) -> list[int]:
+    """Ids of the conversation, its oldest turns dropped from `messages` until at most `room`.
+
+    The system message and the newest question always stay.
+    """
+    first = 1 if messages[0]["role"] == "system" else 0
+    dropped = 0
+    while True:
+        ids = encode(tokenizer, render(tokenizer, template, messages))
+        if room is None or len(ids) <= room or len(messages) - first < 3:
+            break
+        # A question and its answer go together, so the conversation still starts with a question.
+        del messages[first : first + 2]
+        dropped += 2
+    if dropped:
+        note(PROG, f"dropped the {dropped} oldest messages to make room for --length")
+    return ids
+
+
+def stream_one(
+    model: Any, tokenizer: Any, prompt: str | list[dict], args: argparse.Namespace
+) -> str | None:
+    """Generate after `prompt`, printing as it comes, and return the new text (None if skipped).
+
+    `prompt` is a text to continue, or with --chat the conversation so far, ending in the user's
+    question; its oldest turns are dropped in place when it and --length outgrow the model.
+    """
     limit = max_positions(model)
-    length = fit_new_tokens(args.length, prompt_length, limit)
+    template = chat_template(tokenizer) if args.chat else None
+    if template is None:
+        ids = encode(tokenizer, prompt)
+    else:
+        ids = fit_conversation(tokenizer, template, prompt, limit and limit - args.length)
+    length = fit_new_tokens(args.length, len(ids), limit)
     if length < 1:
-        note(PROG, f"prompt skipped: it is {prompt_length} tokens, the model reads at most {limit}")
-        return
-    streamer = TextStreamer(tokenizer, skip_special_tokens=True)
+        note(PROG, f"prompt skipped: it is {len(ids)} tokens, the model reads at most {limit}")
+        return None
+    end_ids = end_token_ids(model, tokenizer, template)
+    # A chat shows the answer alone; a continuation is shown after its prompt.
+    streamer = TextStreamer(tokenizer, skip_prompt=args.chat, skip_special_tokens=True)
     with torch.no_grad():
-        model.generate(
-            **inputs,
-            # As the original script: always the full length, end-of-text held back until then.
+        sequences = model.generate(
+            **model_inputs(ids, model.device),
             max_new_tokens=length,
-            min_new_tokens=length,
+            # As the original script, a continuation always gets the full length; an answer
+            # ends where the model ends it.
+            min_new_tokens=0 if args.chat else length,
+            eos_token_id=end_ids,
             pad_token_id=pad_token_id(tokenizer),
             streamer=streamer,
             **decoding_kwargs(args.temperature, args.top_k, args.top_p),
         )
+    new_ids = new_token_ids(sequences[0], len(ids), set(end_ids))
+    return continuation(tokenizer, ids, new_ids).strip()
 
 
 def prompt_loop(model: Any, tokenizer: Any, args: argparse.Namespace) -> int:
     """Read prompts until exit, end of input or Ctrl-C; returns the exit status."""
+    history = [{"role": "system", "content": args.system}] if args.system is not None else []
     while True:
         try:
             line = input(PROMPT)
@@ -159,34 +230,45 @@ def prompt_loop(model: Any, tokenizer: Any, args: argparse.Namespace) -> int:
             continue
         if text.lower() in QUIT_WORDS:
             return 0
+        if args.chat:
+            history.append({"role": "user", "content": text})
         try:
-            stream_one(model, tokenizer, text, args)
+            answer = stream_one(model, tokenizer, history if args.chat else text, args)
         except KeyboardInterrupt:
             # Ctrl-C in the middle of 400 tokens means "enough of this one", not "reload the model".
             print("\n(generation stopped)", flush=True)
+            answer = None
+        if args.chat and answer is None:
+            history.pop()  # an unanswered question would leave two user turns in a row
+        elif args.chat:
+            history.append({"role": "assistant", "content": answer})
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; `argv` defaults to the command line."""
     args = build_parser().parse_args(argv)
     device = choose_device(args.use_cpu)
-    dtype = choose_dtype(device, half=not args.fp32)
     try:
-        model, tokenizer = load_model(PROG, args.model, device, dtype, args.trust_remote_code)
+        if args.system is not None and not args.chat:
+            raise UserError("--system is a chat message: add --chat")
+        model, tokenizer = load_model(
+            PROG, args.model, device, args.dtype, args.trust_remote_code, f"--dtype {args.dtype}"
+        )
         if args.deepspeed:
             kernel_inject = device.type == "cuda" and not args.no_kernel_inject
-            model = wrap_with_deepspeed(model, dtype, kernel_inject)
+            model = wrap_with_deepspeed(model, device, kernel_inject)
             injection = "on" if kernel_inject else "off"
             note(PROG, f"model wrapped by deepspeed.init_inference (kernel injection {injection})")
+        if args.seed is not None:
+            torch.manual_seed(args.seed)
+        note(PROG, "type a prompt and press Enter; 'exit', Ctrl-D or Ctrl-C quits")
+        # A chat template can still refuse the conversation here, on the first prompt.
+        return prompt_loop(model, tokenizer, args)
     except UserError as err:
         fail(PROG, str(err))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # while loading: the loop handles its own
         print(file=sys.stderr)
         return 130
-    if args.seed is not None:
-        set_seed(args.seed)
-    note(PROG, "type a prompt and press Enter; 'exit', Ctrl-D or Ctrl-C quits")
-    return prompt_loop(model, tokenizer, args)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@ Command-line compatible with the Hugging Face example the guide calls:
 
     python run_generation.py --model_type=gpt2 --model_name_or_path=finetuned --length 200
 
-Runs on the GPU when there is one, else on the CPU. Without --prompt, the prompt is asked for on
-the terminal, or read from standard input when that is a pipe or a file.
+Runs on the GPU when there is one, else on the CPU, in the dtype the model was saved in (--dtype
+to choose). Without --prompt, the prompt is asked for on the terminal, or read from standard
+input when that is a pipe or a file. With --chat the prompt is a user message and the answer alone
+is printed.
 """
 
 from __future__ import annotations
@@ -15,33 +17,35 @@ import sys
 from typing import Any
 
 import torch
-from transformers import set_seed
 
+from common import UserError, fail, note
 from generation import (
-    UserError,
+    DTYPES,
+    chat_template,
     choose_device,
-    choose_dtype,
+    continuation,
     decoding_kwargs,
-    encode_prompt,
+    encode,
     end_token_ids,
-    fail,
     fit_new_tokens,
     load_model,
     max_positions,
+    model_inputs,
+    new_token_ids,
     non_negative_float,
     non_negative_int,
-    note,
     pad_token_id,
     positive_float,
     positive_int,
     probability,
+    render,
 )
 
 PROG = "run_generation.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line of the Hugging Face example, plus --trust_remote_code."""
+    """The command line of the Hugging Face example, plus --dtype, --chat and --trust_remote_code."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Generate text from a causal language model directory (e.g. run_clm.py's "
@@ -56,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model_name_or_path",
         required=True,
-        help="model directory written by run_clm.py (--output_dir), or a hub model id",
+        help="model directory written by run_clm.py (--output_dir), its LoRA adapter folder "
+        "(--output_dir/adapter), or a hub model id",
     )
     parser.add_argument(
         "--prompt",
@@ -75,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--stop_token",
         default=None,
         help="cut each text at the first occurrence of this string, e.g. '<|endoftext|>'. "
-        "Without it exactly --length tokens are generated; with it a sequence also ends at the "
-        "model's end-of-text token.",
+        "Without it (or --chat) exactly --length tokens are generated; with it a sequence also "
+        "ends at the model's end-of-text token.",
     )
     parser.add_argument(
         "--temperature",
@@ -121,9 +126,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="how many sequences to sample for the prompt (default: 1)",
     )
     parser.add_argument(
+        "--dtype",
+        choices=["auto", *DTYPES],
+        default="auto",
+        help="precision to run in (default: auto, the dtype the model was saved in); float16 "
+        "on a CPU runs in float32, with a note",
+    )
+    parser.add_argument(
         "--fp16",
         action="store_true",
-        help="run in float16 on the GPU; ignored, with a note, on the CPU",
+        help="the Hugging Face example's spelling of --dtype float16",
+    )
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="treat the prompt as a user message: render it with the tokenizer's chat template "
+        "(or the repo's chat_template.jinja), stop at the end of the answer, print the answer only",
+    )
+    parser.add_argument(
+        "--system",
+        default=None,
+        help="with --chat: a system message put before the prompt",
     )
     parser.add_argument(
         "--use_cpu",
@@ -135,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow a hub model to run its own Python code (off by default: only for models you trust)",
     )
+    # One line on stderr, like every other bad input, instead of usage plus the error.
+    parser.error = lambda message: fail(PROG, f"{message} (see --help)")
     return parser
 
 
@@ -160,25 +185,26 @@ def cut_at_stop(text: str, stop_token: str | None) -> str:
     return text
 
 
-def new_token_ids(sequence: torch.Tensor, prompt_length: int, end_ids: set[int]) -> list[int]:
-    """The continuation's ids, ending before the first end-of-text token (padding follows it)."""
-    ids = sequence[prompt_length:].tolist()
-    for position, token in enumerate(ids):
-        if token in end_ids:
-            return ids[:position]
-    return ids
+def check_flags(args: argparse.Namespace) -> None:
+    """Flags that contradict each other, caught before a model loads."""
+    if args.temperature == 0 and args.num_return_sequences > 1:
+        raise UserError(
+            "--temperature 0 (greedy) gives the same text every time: use --num_return_sequences 1"
+        )
+    if args.fp16 and args.dtype not in ("auto", "float16"):
+        raise UserError(f"--fp16 and --dtype {args.dtype} disagree; give one of them")
+    if args.system is not None and not args.chat:
+        raise UserError("--system is a chat message: add --chat")
 
 
-def prepare(args: argparse.Namespace) -> tuple[Any, Any, dict[str, torch.Tensor], str]:
-    """Model, tokenizer, encoded prefix + prompt, and the prompt as the user gave it."""
-    device = choose_device(args.use_cpu)
-    dtype = choose_dtype(device, args.fp16)
-    if args.fp16 and dtype != torch.float16:
-        note(PROG, "--fp16 needs a GPU; running in float32 on the CPU")
+def prepare(args: argparse.Namespace) -> tuple[Any, Any, list[int], str, str | None]:
+    """Model, tokenizer, ids of prefix + prompt, the prompt as given, and the chat template."""
+    dtype, asked_as = ("float16", "--fp16") if args.fp16 else (args.dtype, f"--dtype {args.dtype}")
     # The model first, as the Hugging Face example did: a wrong path is reported before the
     # user has typed a prompt for nothing.
+    device = choose_device(args.use_cpu)
     model, tokenizer = load_model(
-        PROG, args.model_name_or_path, device, dtype, args.trust_remote_code
+        PROG, args.model_name_or_path, device, dtype, args.trust_remote_code, asked_as
     )
     actual_type = model.config.model_type
     if args.model_type and args.model_type != actual_type:
@@ -193,7 +219,12 @@ def prepare(args: argparse.Namespace) -> tuple[Any, Any, dict[str, torch.Tensor]
         raise UserError(
             "no prompt: standard input ended before one was given (use --prompt)"
         ) from err
-    return model, tokenizer, encode_prompt(tokenizer, args.prefix + prompt, device), prompt
+    if not args.chat:
+        return model, tokenizer, encode(tokenizer, args.prefix + prompt), prompt, None
+    template = chat_template(tokenizer)
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
+    text = render(tokenizer, template, [*system, {"role": "user", "content": prompt}])
+    return model, tokenizer, encode(tokenizer, args.prefix + text), prompt, template
 
 
 def new_token_budget(wanted: int, prompt_length: int, model: Any) -> int:
@@ -201,45 +232,49 @@ def new_token_budget(wanted: int, prompt_length: int, model: Any) -> int:
     limit = max_positions(model)
     length = fit_new_tokens(wanted, prompt_length, limit)
     if length < 1:
-        raise UserError(f"the prompt is {prompt_length} tokens, the model reads at most {limit}")
+        raise UserError(
+            f"the prompt is {prompt_length} tokens, the model reads at most {limit}; shorten it"
+        )
     if length < wanted:
         note(PROG, f"--length lowered to {length}: the model reads at most {limit} tokens")
     return length
 
 
-def generate(args: argparse.Namespace) -> int:
-    """Load, sample and print; returns the exit status."""
-    if args.temperature == 0 and args.num_return_sequences > 1:
-        raise UserError(
-            "--temperature 0 (greedy) gives the same text every time: use --num_return_sequences 1"
-        )
-    model, tokenizer, inputs, prompt = prepare(args)
-    prompt_length = inputs["input_ids"].shape[1]
-    length = new_token_budget(args.length, prompt_length, model)
-    # Without a stop token the user asked for `length` tokens: hold back end-of-text until then.
-    min_new = 0 if args.stop_token else length
-    set_seed(args.seed)
+def generate(args: argparse.Namespace) -> list[str]:
+    """Load, sample and print; returns the texts as printed."""
+    check_flags(args)
+    model, tokenizer, prompt_ids, prompt, template = prepare(args)
+    length = new_token_budget(args.length, len(prompt_ids), model)
+    end_ids = end_token_ids(model, tokenizer, template)
+    # Without a stop token or a chat the user asked for `length` tokens: no end before that.
+    min_new = 0 if args.stop_token or args.chat else length
+    torch.manual_seed(args.seed)  # transformers.set_seed would import peft: seconds, for nothing
     with torch.no_grad():
         sequences = model.generate(
-            **inputs,
+            **model_inputs(prompt_ids, model.device),
             max_new_tokens=length,
             min_new_tokens=min_new,
+            eos_token_id=end_ids,
             num_return_sequences=args.num_return_sequences,
             pad_token_id=pad_token_id(tokenizer),
             **decoding_kwargs(args.temperature, args.k, args.p, args.repetition_penalty),
         )
 
-    end_ids = end_token_ids(model, tokenizer)
+    texts = []
     for number, sequence in enumerate(sequences, start=1):
-        ids = new_token_ids(sequence, prompt_length, end_ids)
-        text = tokenizer.decode(ids, skip_special_tokens=True)
+        ids = new_token_ids(sequence, len(prompt_ids), set(end_ids))
+        new_text = cut_at_stop(continuation(tokenizer, prompt_ids, ids), args.stop_token)
+        # A chat shows the answer alone; a continuation is shown after its prompt.
+        text = new_text.strip() if args.chat else prompt + new_text
         print(f"=== GENERATED SEQUENCE {number} ({len(ids)} new tokens) ===")
-        print(prompt + cut_at_stop(text, args.stop_token), flush=True)
-    return 0
+        print(text, flush=True)
+        texts.append(text)
+    return texts
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; `argv` defaults to the command line."""
+def main(argv: list[str] | None = None) -> list[str]:
+    """Entry point; `argv` defaults to the command line. Returns the generated texts, as the
+    Hugging Face example's main() does (its tests call it)."""
     args = build_parser().parse_args(argv)
     try:
         return generate(args)
@@ -248,8 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         # Ctrl-C is how a user gives up on a long generation: no traceback for that.
         print(file=sys.stderr)
-        return 130
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
