@@ -653,6 +653,9 @@ def train_and_evaluate(model_args, lora, data, run, training) -> None:
         f"block {block_size} tokens, {len(train_set) if train_set is not None else 0} train / "
         f"{len(eval_set) if eval_set is not None else 0} eval {'examples' if examples else 'blocks'}"
     )
+    if not (training.do_train or training.do_eval):
+        say("nothing to do: pass --do_train and/or --do_eval.")
+        return
 
     stopper, sealer = checkpoints.StopOnSignal(), checkpoints.Sealer(training.save_total_limit)
     training.save_total_limit = None  # the Sealer rotates, after sealing

@@ -4,6 +4,7 @@
     python text2csv.py notes.txt             # notes.txt -> notes.csv
     python text2csv.py book.txt -o data.csv  # choose the output name (one input only)
     python text2csv.py --split blank_line    # one row per paragraph (separate examples)
+    python text2csv.py letters/              # letters/*.txt -> letters.csv, one row per file
 
 CSV rather than .txt because a CSV cell keeps its line breaks exactly, and the model should learn
 where lines end. By default the whole file is one row: run_clm.py concatenates and cuts it into
@@ -89,6 +90,16 @@ def to_rows(text: str, split: str) -> list[str]:
     return [block for block in paragraphs if block.strip()]
 
 
+def read_rows(source: Path, encoding: str, split: str) -> list[str]:
+    """The rows of one input: a text file, or each .txt file of a folder in name order."""
+    if not source.is_dir():
+        return to_rows(read_text(source, encoding), split)
+    files = sorted(source.glob("*.txt"))
+    if not files:
+        raise InputError(f"{source}: no .txt files in this folder.")
+    return [row for file in files for row in to_rows(read_text(file, encoding), split)]
+
+
 def loader_warning(rows: list[str]) -> str | None:
     """What datasets.load_dataset("csv") would not read back as written, if anything."""
     missing = [number for number, row in enumerate(rows, start=1) if row in PANDAS_MISSING]
@@ -117,12 +128,12 @@ def plan(inputs: list[str], output: str | None) -> list[tuple[Path, Path]]:
     targets: dict[Path, Path] = {}
     for name in inputs:
         source = Path(name)
-        if source.is_dir():
-            raise InputError(f"{source}: is a folder; give a text file.")
         try:
             target = Path(output) if output is not None else source.with_suffix(".csv")
-        except ValueError:  # a name such as "" or "/" has no stem to put .csv on
-            raise InputError(f"{name!r}: not a file name; give a text file.") from None
+        except ValueError:  # a name such as "", "." or "/" has no stem to put .csv on
+            raise InputError(
+                f"{name!r}: not a file name; give a text file, or a folder and -o NAME.csv."
+            ) from None
         if target.resolve() == source.resolve():
             raise InputError(
                 f"{source}: would overwrite itself; give an input that does not end in .csv."
@@ -172,8 +183,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "inputs",
         nargs="*",
         default=DEFAULT_INPUTS,
-        help="Text files to convert; each X.txt becomes X.csv next to it. "
-        "Default: train.txt validation.txt.",
+        help="Text files to convert; each X.txt becomes X.csv next to it, a folder X/ becomes X.csv "
+        "with one row per .txt file in it. Default: train.txt validation.txt.",
     )
     parser.add_argument(
         "-o", "--output", help="Output CSV path instead of X.csv; only with a single input."
@@ -202,8 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         pairs = plan(args.inputs, args.output)
         # Read and check every input before writing anything: a bad file leaves all outputs untouched.
         converted = [
-            (target, to_rows(read_text(source, args.encoding), args.split))
-            for source, target in pairs
+            (target, read_rows(source, args.encoding, args.split)) for source, target in pairs
         ]
         for target, rows in converted:
             scratches.append(write_scratch(rows, target))

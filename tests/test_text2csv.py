@@ -267,14 +267,36 @@ def test_encoding_option_reads_other_encodings(tmp_path, encoding):
             ["empty.txt", "-o", "nowhere/a.csv"],
             "text2csv.py: error: nowhere/a.csv: folder nowhere does not exist",
         ),
-        ("x", ["."], "text2csv.py: error: .: is a folder"),
+        (
+            "x",
+            ["."],
+            "text2csv.py: error: '.': not a file name; give a text file, or a folder and -o NAME.csv.",
+        ),
+        ("x", ["sub"], "text2csv.py: error: sub: no .txt files in this folder."),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, setup, args, message):
     if setup is not None:
         (tmp_path / "empty.txt").write_text(setup, encoding="utf-8")
+    (tmp_path / "sub").mkdir()
     done = text2csv(tmp_path, *args)
     assert done.returncode == 2
     assert done.stderr.strip().startswith(message), done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert not list(tmp_path.glob("*.csv"))
+
+
+def test_a_folder_becomes_one_csv_with_a_row_per_file(tmp_path):
+    (tmp_path / "letters").mkdir()
+    for name, text in (("b.txt", "Second letter.\n"), ("a.txt", "First letter,\ntwo lines.\n")):
+        (tmp_path / "letters" / name).write_text(text, encoding="utf-8")
+    (tmp_path / "letters" / "notes.md").write_text("not a text file", encoding="utf-8")
+    done = text2csv(tmp_path, "letters")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "wrote letters.csv: 2 rows, 40 characters"
+    with open(tmp_path / "letters.csv", newline="", encoding="utf-8") as stream:
+        assert list(csv.reader(stream)) == [
+            ["text"],
+            ["First letter,\ntwo lines.\n"],
+            ["Second letter.\n"],
+        ]
