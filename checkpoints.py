@@ -4,7 +4,9 @@
   is written last; older ones are rotated out only after that (`Sealer`).
 - A stop (SIGTERM, Ctrl-C, or the launcher that started this rank going away) is agreed on by
   all ranks at the end of an optimizer step, so they save one checkpoint together (`StopOnSignal`).
-- A loss that stays NaN or infinite ends the run on every rank at the same step (`NonFiniteGuard`).
+- A loss that stays NaN or infinite ends the run on every rank at the same step (`NonFiniteGuard`,
+  fed each micro-step's loss by `GuardedTrainer`).
+- On several nodes, every node must see the --output_dir rank 0 writes (`check_shared_output_dir`).
 - Re-running the same command resumes from the newest complete checkpoint (`resume_plan`).
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +23,7 @@ import psutil
 import torch
 import torch.distributed as dist
 from accelerate import PartialState
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from common import UserError, is_main_process, say
@@ -223,6 +226,43 @@ class NonFiniteGuard(TrainerCallback):
                 "overflows in fp16), a lower --learning_rate, or more --warmup_steps."
             )
         return control
+
+
+class GuardedTrainer(Trainer):
+    """The Trainer, showing each micro-step's loss to the NaN guard (no host sync for that)."""
+
+    guard = NonFiniteGuard(0)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.guard.observe(loss)
+        return loss
+
+
+def check_shared_output_dir(output_dir: Path, training: TrainingArguments) -> None:
+    """On several nodes, rank 0 saves for all: every node must see the same --output_dir."""
+    local = int(
+        os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or training.world_size
+    )
+    if training.world_size <= local or training.save_on_each_node or not dist.is_initialized():
+        return
+    token = [uuid.uuid4().hex]
+    dist.broadcast_object_list(token, src=0)
+    probe = output_dir / f".shared-{token[0]}"
+    if is_main_process():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("rank 0 wrote this; every node should see it\n", encoding="utf-8")
+    wait_for_everyone()
+    unseen = agreed_max(torch.tensor(int(not probe.exists())))
+    wait_for_everyone()
+    if is_main_process():
+        probe.unlink()
+    if unseen:
+        raise UserError(
+            f"--output_dir {output_dir}: not shared by all nodes (a node cannot see what rank 0 writes "
+            "there), so checkpoints would be incomplete; put it on a filesystem every node mounts, or "
+            "pass --save_on_each_node."
+        )
 
 
 @dataclass

@@ -18,7 +18,7 @@ import csv
 import hashlib
 import inspect
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ import tokenizers
 import torch
 from datasets.fingerprint import Hasher
 
-from common import UserError, say
+from common import UserError, arg, say
 
 PROG = "run_clm.py"
 EXTENSIONS = {".csv": "csv", ".txt": "txt", ".json": "json", ".jsonl": "json"}
@@ -66,93 +66,61 @@ NEWLINE_SAFE_SPLITS = {
 
 @dataclass
 class DataArguments:
-    dataset_name: str | None = field(
-        default=None,
-        metadata={
-            "help": "A dataset instead of files: a hub name (when online), a local dataset folder, or "
-            "a folder written by Dataset.save_to_disk."
-        },
+    dataset_name: str | None = arg(
+        None,
+        "A dataset instead of files: a hub name (when online), a local dataset folder, or "
+        "a folder written by Dataset.save_to_disk.",
     )
-    dataset_config_name: str | None = field(
-        default=None, metadata={"help": "The configuration of --dataset_name, if it has several."}
+    dataset_config_name: str | None = arg(
+        None, "The configuration of --dataset_name, if it has several."
     )
-    train_file: str | None = field(
-        default=None,
-        metadata={
-            "help": "Training data: .txt, .csv (a `text` column, or `prompt` and `completion`), or "
-            ".json/.jsonl records with text, prompt/completion or messages."
-        },
+    train_file: str | None = arg(
+        None,
+        "Training data: .txt, .csv (a `text` column, or `prompt` and `completion`), or "
+        ".json/.jsonl records with text, prompt/completion or messages.",
     )
-    validation_file: str | None = field(
-        default=None,
-        metadata={
-            "help": "Evaluation data, same formats. Without it, --do_eval holds out part of the train data."
-        },
+    validation_file: str | None = arg(
+        None,
+        "Evaluation data, same formats. Without it, --do_eval holds out part of the train data.",
     )
-    validation_split_percentage: int = field(
-        default=5,
-        metadata={
-            "help": "Percent of training blocks or examples held out for eval when there is no validation data."
-        },
+    validation_split_percentage: int = arg(
+        5,
+        "Percent of training blocks or examples held out for eval when there is no validation data.",
     )
-    block_size: int | None = field(
-        default=None,
-        metadata={
-            "help": "Tokens per block or example. Default and maximum: the model's context, at most 1024."
-        },
+    block_size: int | None = arg(
+        None, "Tokens per block or example. Default and maximum: the model's context, at most 1024."
     )
-    separate_examples: bool = field(
-        default=False,
-        metadata={
-            "help": "Each CSV row, .txt paragraph or JSON record of text is its own example (truncated, "
-            "padded) instead of running into the next."
-        },
+    separate_examples: bool = arg(
+        False,
+        "Each CSV row, .txt paragraph or JSON record of text is its own example (truncated, "
+        "padded) instead of running into the next.",
     )
-    packing: bool = field(
-        default=False,
-        metadata={
-            "help": "Examples share a batch row without padding, each with its own positions, where the "
-            "model's attention supports it (implies --separate_examples for text)."
-        },
+    packing: bool = arg(
+        False,
+        "Examples share a batch row without padding, each with its own positions, where the "
+        "model's attention supports it (implies --separate_examples for text).",
     )
-    completion_only_loss: bool = field(
-        default=True,
-        metadata={"help": "Prompt/completion data: train on the completions only (False: on all)."},
+    completion_only_loss: bool = arg(
+        True, "Prompt/completion data: train on the completions only (False: on all)."
     )
-    assistant_only_loss: bool = field(
-        default=True,
-        metadata={"help": "Chat data: train on the assistant turns only (False: on all)."},
+    assistant_only_loss: bool = arg(
+        True, "Chat data: train on the assistant turns only (False: on all)."
     )
-    chat_template: str | None = field(
-        default=None,
-        metadata={
-            "help": "A Jinja chat template file for chat data; default: the tokenizer's own, else chat_template.jinja."
-        },
+    chat_template: str | None = arg(
+        None,
+        "A Jinja chat template file for chat data; default: the tokenizer's own, else chat_template.jinja.",
     )
-    keep_linebreaks: bool = field(
-        default=True,
-        metadata={
-            "help": "False: each line of a .txt file is its own document, without its line break (as HF's script)."
-        },
+    keep_linebreaks: bool = arg(
+        True,
+        "False: each line of a .txt file is its own document, without its line break (as HF's script).",
     )
-    streaming: bool = field(
-        default=False, metadata={"help": "Not supported: the data is tokenized once and cached."}
+    streaming: bool = arg(False, "Not supported: the data is tokenized once and cached.")
+    overwrite_cache: bool = arg(False, "Tokenize again instead of reusing the datasets cache.")
+    preprocessing_num_workers: int | None = arg(
+        None, "Processes for tokenizing; default one, whose Rust tokenizer already uses every core."
     )
-    overwrite_cache: bool = field(
-        default=False, metadata={"help": "Tokenize again instead of reusing the datasets cache."}
-    )
-    preprocessing_num_workers: int | None = field(
-        default=None,
-        metadata={
-            "help": "Processes for tokenizing; default one, whose Rust tokenizer already uses every core."
-        },
-    )
-    max_train_samples: int | None = field(
-        default=None, metadata={"help": "Use only this many training blocks or examples."}
-    )
-    max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Use only this many evaluation blocks or examples."}
-    )
+    max_train_samples: int | None = arg(None, "Use only this many training blocks or examples.")
+    max_eval_samples: int | None = arg(None, "Use only this many evaluation blocks or examples.")
 
     @property
     def examples(self) -> bool:

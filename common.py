@@ -7,11 +7,12 @@ it anywhere and turn it into `<script>: error: <message>` once, at the top.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import os
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 # peft imports bitsandbytes, and transformers imports peft, whenever they are installed. On a CPU
 # bitsandbytes then warns about fused kernels it cannot fetch, in every script that loads a model.
@@ -21,6 +22,11 @@ for _library in ("bitsandbytes", "kernels"):
 
 class UserError(Exception):
     """Bad input: reported as one line naming the input and the fix, never as a traceback."""
+
+
+def arg(default: Any, help: str) -> Any:
+    """A dataclass field for HfArgumentParser: its default and its --help text."""
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 def one_line(text: str) -> str:

@@ -24,13 +24,11 @@ import math
 import os
 import signal
 import sys
-import uuid
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import transformers
 from transformers import (
     AutoConfig,
@@ -45,7 +43,8 @@ from transformers import (
 
 import checkpoints
 import clm_data
-from common import UserError, fail, is_main_process
+from checkpoints import GuardedTrainer
+from common import UserError, arg, fail
 
 PROG = "run_clm.py"
 # accelerate warns that DeepSpeed's gradient accumulation differs from its own (which the Trainer
@@ -61,107 +60,62 @@ def say(message: str) -> None:
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "Model to fine-tune: a hub name (gpt2-xl, Qwen/Qwen2.5-1.5B) or a local folder."
-        },
+    model_name_or_path: str | None = arg(
+        None, "Model to fine-tune: a hub name (gpt2-xl, Qwen/Qwen2.5-1.5B) or a local folder."
     )
-    model_type: str | None = field(
-        default=None,
-        metadata={
-            "help": "Train from scratch: a model type (gpt2, llama, ...) built from its default config."
-        },
+    model_type: str | None = arg(
+        None, "Train from scratch: a model type (gpt2, llama, ...) built from its default config."
     )
-    config_overrides: str | None = field(
-        default=None,
-        metadata={"help": "With --model_type: config values to change, e.g. n_embd=10,n_head=2."},
+    config_overrides: str | None = arg(
+        None, "With --model_type: config values to change, e.g. n_embd=10,n_head=2."
     )
-    config_name: str | None = field(
-        default=None, metadata={"help": "Config to use, if not the model's own."}
+    config_name: str | None = arg(None, "Config to use, if not the model's own.")
+    tokenizer_name: str | None = arg(None, "Tokenizer to use, if not the one saved with the model.")
+    cache_dir: str | None = arg(None, "Where downloaded models and datasets are kept.")
+    model_revision: str = arg("main", "Branch, tag or commit of a hub model.")
+    token: str | None = arg(None, "Hub token for private models (default: your saved login).")
+    use_auth_token: bool = arg(False, "2021's name for using your saved hub login; see --token.")
+    dtype: str = arg(
+        "auto",
+        "Precision to load the weights in: auto (as saved), bfloat16, float16 or float32 "
+        "(2021: --torch_dtype).",
     )
-    tokenizer_name: str | None = field(
-        default=None, metadata={"help": "Tokenizer to use, if not the one saved with the model."}
+    low_cpu_mem_usage: bool = arg(
+        False, "Accepted for HF's script; transformers 5 always loads weights straight into place."
     )
-    cache_dir: str | None = field(
-        default=None, metadata={"help": "Where downloaded models and datasets are kept."}
+    use_fast_tokenizer: bool = arg(
+        True, "Use the Rust tokenizer; `--use_fast_tokenizer False` picks the Python one."
     )
-    model_revision: str = field(
-        default="main", metadata={"help": "Branch, tag or commit of a hub model."}
-    )
-    token: str | None = field(
-        default=None, metadata={"help": "Hub token for private models (default: your saved login)."}
-    )
-    use_auth_token: bool = field(
-        default=False, metadata={"help": "2021's name for using your saved hub login; see --token."}
-    )
-    dtype: str = field(
-        default="auto",
-        metadata={
-            "help": "Precision to load the weights in: auto (as saved), bfloat16, float16 or float32 "
-            "(2021: --torch_dtype)."
-        },
-    )
-    low_cpu_mem_usage: bool = field(
-        default=False,
-        metadata={
-            "help": "Accepted for HF's script; transformers 5 always loads weights straight into place."
-        },
-    )
-    use_fast_tokenizer: bool = field(
-        default=True,
-        metadata={
-            "help": "Use the Rust tokenizer; `--use_fast_tokenizer False` picks the Python one."
-        },
-    )
-    trust_remote_code: bool = field(
-        default=False,
-        metadata={
-            "help": "Run Python code shipped in a model repository. Off unless you trust it."
-        },
+    trust_remote_code: bool = arg(
+        False, "Run Python code shipped in a model repository. Off unless you trust it."
     )
 
 
 @dataclass
 class LoraArguments:
-    use_peft: bool = field(
-        default=False,
-        metadata={
-            "help": "Train a LoRA adapter instead of every weight; it is merged into the saved model."
-        },
+    use_peft: bool = arg(
+        False, "Train a LoRA adapter instead of every weight; it is merged into the saved model."
     )
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(
-        default=32, metadata={"help": "LoRA scaling: the update is alpha/r times the product."}
+    lora_r: int = arg(16, "LoRA rank.")
+    lora_alpha: int = arg(32, "LoRA scaling: the update is alpha/r times the product.")
+    lora_dropout: float = arg(0.05, "Dropout on the LoRA path.")
+    lora_target_modules: list[str] | None = arg(
+        None,
+        "Layer names to adapt (e.g. q_proj v_proj); default: every linear layer of each block.",
     )
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path."})
-    lora_target_modules: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Layer names to adapt (e.g. q_proj v_proj); default: every linear layer of each block."
-        },
-    )
-    load_in_4bit: bool = field(
-        default=False,
-        metadata={
-            "help": "QLoRA: the base model in 4 bits (NF4, double quantization, bf16 compute). CUDA only."
-        },
+    load_in_4bit: bool = arg(
+        False,
+        "QLoRA: the base model in 4 bits (NF4, double quantization, bf16 compute). CUDA only.",
     )
 
 
 @dataclass
 class RunArguments:
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={
-            "help": "Start from scratch even if --output_dir holds checkpoints or a finished model."
-        },
+    overwrite_output_dir: bool = arg(
+        False, "Start from scratch even if --output_dir holds checkpoints or a finished model."
     )
-    max_nonfinite_steps: int = field(
-        default=20,
-        metadata={
-            "help": "Stop when the loss is NaN or infinite this many micro-steps in a row (0: never)."
-        },
+    max_nonfinite_steps: int = arg(
+        20, "Stop when the loss is NaN or infinite this many micro-steps in a row (0: never)."
     )
 
 
@@ -466,32 +420,6 @@ def collator_for(model, tokenizer, data, examples: bool):
 # ---------------------------------------------------------------- checks of the machine
 
 
-def check_shared_output_dir(output_dir: Path, training: TrainingArguments) -> None:
-    """On several nodes, rank 0 saves for all: every node must see the same --output_dir."""
-    local = int(
-        os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or training.world_size
-    )
-    if training.world_size <= local or training.save_on_each_node or not dist.is_initialized():
-        return
-    token = [uuid.uuid4().hex]
-    dist.broadcast_object_list(token, src=0)
-    probe = output_dir / f".shared-{token[0]}"
-    if is_main_process():
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe.write_text("rank 0 wrote this; every node should see it\n", encoding="utf-8")
-    checkpoints.wait_for_everyone()
-    unseen = checkpoints.agreed_max(torch.tensor(int(not probe.exists())))
-    checkpoints.wait_for_everyone()
-    if is_main_process():
-        probe.unlink()
-    if unseen:
-        raise UserError(
-            f"--output_dir {output_dir}: not shared by all nodes (a node cannot see what rank 0 writes "
-            "there), so checkpoints would be incomplete; put it on a filesystem every node mounts, or "
-            "pass --save_on_each_node."
-        )
-
-
 def wandb_offline_unless_logged_in(training: TrainingArguments) -> None:
     """`--report_to wandb` with no API key would crash at the first log: record offline instead."""
     if (
@@ -573,17 +501,6 @@ def close_progress_bars(trainer: Trainer) -> None:
             callback.training_bar = None
 
 
-class GuardedTrainer(Trainer):
-    """The Trainer, showing each micro-step's loss to the NaN guard (no host sync for that)."""
-
-    guard = checkpoints.NonFiniteGuard(0)
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        self.guard.observe(loss)
-        return loss
-
-
 def save_merged(model_args: ModelArguments, tokenizer, output_dir: Path) -> None:
     """Merge the trained adapter into a fresh copy of the base model and save that (rank 0)."""
     from peft import PeftModel
@@ -639,7 +556,7 @@ def train_and_evaluate(model_args, lora, data, run, training) -> None:
     if eval_set is not None and data.max_eval_samples:
         eval_set = eval_set.select(range(min(data.max_eval_samples, len(eval_set))))
 
-    check_shared_output_dir(output_dir, training)
+    checkpoints.check_shared_output_dir(output_dir, training)
     checkpoints.carry_out(plan)  # nothing is deleted before the data and the model are known good
     # Under ZeRO-3 a partitioned parameter reports 0 elements; ds_numel is its real size.
     sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
