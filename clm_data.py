@@ -391,10 +391,14 @@ def read_split(flag: str, path: str, data: DataArguments, rule: str | None) -> d
         stat = Path(path).stat()
         # The absolute path, size and time key the datasets cache; messages name `path`.
         kwargs = {
-            "path": path, "kind": kind, "shape": shape, "rule": rule, "paragraphs": data.examples,
+            "path": path,
+            "kind": kind,
+            "shape": shape,
+            "rule": rule,
+            "paragraphs": data.examples,
             "keep_linebreaks": data.keep_linebreaks,
             "stamp": (str(Path(path).absolute()), stat.st_size, stat.st_mtime_ns),
-        }  # fmt: skip
+        }
         try:
             dataset = datasets.Dataset.from_generator(
                 generate, gen_kwargs=kwargs, features=FEATURES[shape]
@@ -455,7 +459,9 @@ def load_splits(data: DataArguments, tokenizer, model_args) -> dict[str, dataset
         "train": ("--train_file", data.train_file),
         "validation": ("--validation_file", data.validation_file),
     }
-    return {split: read_split(flag, path, data, rule) for split, (flag, path) in files.items() if path}  # fmt: skip
+    return {
+        split: read_split(flag, path, data, rule) for split, (flag, path) in files.items() if path
+    }
 
 
 # ---------------------------------------------------------------- tokens
@@ -565,8 +571,15 @@ def tokenize(
     # The tokenizer's own length limit means nothing here: long texts are cut into blocks later.
     tokenizer.model_max_length = int(1e30)
     code = Hasher.hash([inspect.getsource(f) for f in (pieces, next_cut, chat_segments, tokenize)])
-    settings = (tokenizer_identity(tokenizer), code, block_size, data.examples, template,
-                data.completion_only_loss, data.assistant_only_loss)  # fmt: skip
+    settings = (
+        tokenizer_identity(tokenizer),
+        code,
+        block_size,
+        data.examples,
+        template,
+        data.completion_only_loss,
+        data.assistant_only_loss,
+    )
     done = {}
     for split, dataset in splits.items():
         options = {
@@ -575,22 +588,44 @@ def tokenize(
         }
         fingerprint = Hasher.hash((dataset._fingerprint, settings))
         if data.examples or "text" not in dataset.column_names:
-            rows = dataset.map(encode_example, remove_columns=dataset.column_names,
-                               new_fingerprint=fingerprint, desc="Tokenizing examples", **options)  # fmt: skip
+            rows = dataset.map(
+                encode_example,
+                remove_columns=dataset.column_names,
+                new_fingerprint=fingerprint,
+                desc="Tokenizing examples",
+                **options,
+            )
             kept = rows.filter(lambda row: any(label != -100 for label in row["labels"][1:]))
             if len(kept) < len(rows):
-                say(PROG, f"{split}: dropped {len(rows) - len(kept)} example(s) whose answer lies past "
-                    f"--block_size {block_size}.")  # fmt: skip
+                say(
+                    PROG,
+                    f"{split}: dropped {len(rows) - len(kept)} example(s) whose answer lies past "
+                    f"--block_size {block_size}.",
+                )
             done[split] = kept
             continue
-        encoded = dataset.map(encode_text, batched=True, batch_size=64, remove_columns=dataset.column_names,
-                              new_fingerprint=fingerprint, desc="Tokenizing", **options)  # fmt: skip
+        encoded = dataset.map(
+            encode_text,
+            batched=True,
+            batch_size=64,
+            remove_columns=dataset.column_names,
+            new_fingerprint=fingerprint,
+            desc="Tokenizing",
+            **options,
+        )
         check_enough_tokens(split, encoded, data, block_size)
-        done[split] = encoded.with_format("arrow").map(
-            group, batched=True, batch_size=None, load_from_cache_file=not data.overwrite_cache,
-            new_fingerprint=Hasher.hash((encoded._fingerprint, settings)),
-            desc=f"Grouping into blocks of {block_size}",
-        ).with_format(None)  # fmt: skip
+        done[split] = (
+            encoded.with_format("arrow")
+            .map(
+                group,
+                batched=True,
+                batch_size=None,
+                load_from_cache_file=not data.overwrite_cache,
+                new_fingerprint=Hasher.hash((encoded._fingerprint, settings)),
+                desc=f"Grouping into blocks of {block_size}",
+            )
+            .with_format(None)
+        )
     return done
 
 
@@ -611,8 +646,10 @@ def check_enough_tokens(
     count = int(pc.sum(pc.list_value_length(ids.data.column("input_ids"))).as_py() or 0)
     if count < block_size:
         fitting = 1 << max(0, count.bit_length() - 1)
-        flag, path = {"train": ("--train_file", data.train_file),
-                      "validation": ("--validation_file", data.validation_file)}[split]  # fmt: skip
+        flag, path = {
+            "train": ("--train_file", data.train_file),
+            "validation": ("--validation_file", data.validation_file),
+        }[split]
         raise UserError(
             f"{flag} {path or data.dataset_name}: {count} tokens, fewer than one block of {block_size}; "
             f"add text or pass --block_size {fitting}."

@@ -43,6 +43,7 @@ from transformers import (
 
 import checkpoints
 import clm_data
+import deepspeed_json
 from checkpoints import GuardedTrainer
 from common import UserError, arg, fail
 
@@ -126,26 +127,6 @@ ALIASES = {
     "--max_val_samples": "--max_eval_samples",
     "--torch_dtype": "--dtype",
 }
-# TrainingArguments owns these: a number in the DeepSpeed JSON gives way to the command line.
-OWNED = {
-    ("optimizer", "params", "lr"): "learning_rate",
-    ("optimizer", "params", "betas"): ("adam_beta1", "adam_beta2"),
-    ("optimizer", "params", "eps"): "adam_epsilon",
-    ("optimizer", "params", "weight_decay"): "weight_decay",
-    ("train_micro_batch_size_per_gpu",): "per_device_train_batch_size",
-    ("gradient_accumulation_steps",): "gradient_accumulation_steps",
-    ("gradient_clipping",): "max_grad_norm",
-    ("fp16", "enabled"): "fp16",
-    ("bf16", "enabled"): "bf16",
-    ("train_batch_size",): None,  # per-GPU batch x accumulation x GPUs
-}
-# 2021 keys under zero_optimization that DeepSpeed renamed, and today's form.
-RENAMED = {
-    "cpu_offload": ("offload_optimizer", {"device": "cpu"}),
-    "cpu_offload_params": ("offload_param", {"device": "cpu"}),
-    "stage3_gather_fp16_weights_on_model_save": ("stage3_gather_16bit_weights_on_model_save", None),
-}
-
 
 # ---------------------------------------------------------------- arguments, checked in one place
 
@@ -154,7 +135,10 @@ def parse_args(argv: list[str]):
     parser = HfArgumentParser(ARGUMENTS)
     if len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_json_file(argv[0])
-    argv = [ALIASES.get(arg.split("=")[0], arg.split("=")[0]) + arg[len(arg.split("=")[0]):] for arg in argv]  # fmt: skip
+    argv = [
+        ALIASES.get(arg.split("=")[0], arg.split("=")[0]) + arg[len(arg.split("=")[0]) :]
+        for arg in argv
+    ]
     namespace, unknown = parser.parse_known_args(argv)
     if unknown:
         known = [f"--{f.name}" for group in ARGUMENTS for f in fields(group)] + list(ALIASES)
@@ -182,7 +166,7 @@ def parse_args(argv: list[str]):
         # several-rank run miscounts the world size.
         values["use_cpu"] = True
     if values["deepspeed"]:
-        values["deepspeed"] = deepspeed_config(values["deepspeed"], values, "--optim" in given)
+        values["deepspeed"] = deepspeed_json.modern(values["deepspeed"], values, "--optim" in given)
     built = []
     for group in ARGUMENTS:
         kwargs = {f.name: values[f.name] for f in fields(group) if f.init and f.name in values}
@@ -204,6 +188,10 @@ def validate(model_args, lora, data, run, training) -> None:
         )
     if model_args.model_type and not (model_args.model_name_or_path or model_args.tokenizer_name):
         raise UserError("--model_type trains from scratch and needs --tokenizer_name.")
+    if model_args.model_type and not model_args.model_name_or_path and lora.use_peft:
+        raise UserError(
+            "--use_peft adapts a trained model: pass --model_name_or_path, not --model_type."
+        )
     if model_args.use_auth_token:
         say(
             "warning: --use_auth_token is deprecated; your saved hub login is used (or pass --token)."
@@ -242,60 +230,16 @@ def validate(model_args, lora, data, run, training) -> None:
         )
 
 
-def deepspeed_config(path: str, values: dict, optim_given: bool) -> dict:
-    """The DeepSpeed JSON with 2021 keys renamed and everything TrainingArguments owns left to it."""
-    try:
-        config = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"--deepspeed {path}: no such file; use ds_config.json, ds_config_gptneo.json or ds_config_zero3.json.") from None  # fmt: skip
-    except json.JSONDecodeError as error:
-        raise UserError(f"--deepspeed {path}: not valid JSON at line {error.lineno}, column {error.colno}: {error.msg}.") from None  # fmt: skip
-    except (UnicodeDecodeError, IsADirectoryError):
-        raise UserError(f"--deepspeed {path}: not a JSON text file; point it at a DeepSpeed config.") from None  # fmt: skip
-    notes = []
-    zero = config.get("zero_optimization", {})
-    for old, (new, block) in RENAMED.items():
-        if old in zero:
-            value = zero.pop(old)
-            zero[new] = block if block is not None else value
-            if block is not None and not value:
-                zero.pop(new)
-            notes.append(f'"{old}" is now "{new}"' + (f": {json.dumps(block)}" if block else ""))
-    if optim_given and "optimizer" in config:
-        raise UserError(
-            f'--optim {values["optim"]} and the "optimizer" block of {path} both choose the optimizer; '
-            'drop --optim, or use a DeepSpeed JSON without an "optimizer" block.'
-        )
-    if "scheduler" in config:
-        notes.append(
-            f"scheduler {config.pop('scheduler').get('type')} -> --lr_scheduler_type {values['lr_scheduler_type']}"
-        )
-    for keys, owner in OWNED.items():
-        *parents, last = keys
-        block = config
-        for key in parents:
-            block = block.get(key, {}) if isinstance(block, dict) else {}
-        if not isinstance(block, dict) or block.get(last, "auto") == "auto":
-            continue
-        wanted = [values[name] for name in owner] if isinstance(owner, tuple) else values.get(owner)
-        if (
-            owner is not None
-            and block[last] != wanted
-            and not (last == "enabled" and not block[last])
-        ):
-            notes.append(f"{'.'.join(keys)} {json.dumps(block[last])} -> {json.dumps(wanted)}")
-        block[last] = "auto"
-    if notes:
-        say(f"--deepspeed {path}: the command line decides, not the JSON: {'; '.join(notes)}.")
-    return config
-
-
 # ---------------------------------------------------------------- the model
 
 
 def hub_options(args: ModelArguments) -> dict:
-    return {"cache_dir": args.cache_dir, "revision": args.model_revision, "token": args.token,
-            "trust_remote_code": args.trust_remote_code}  # fmt: skip
+    return {
+        "cache_dir": args.cache_dir,
+        "revision": args.model_revision,
+        "token": args.token,
+        "trust_remote_code": args.trust_remote_code,
+    }
 
 
 def check_model_source(source: str, flag: str) -> None:
@@ -305,7 +249,10 @@ def check_model_source(source: str, flag: str) -> None:
         and not (local / "config.json").is_file()
         and not (local / "tokenizer_config.json").is_file()
     ):
-        raise UserError(f"{flag} {source}: folder has no config.json; point it at a saved model folder (or a hub name such as gpt2-xl).")  # fmt: skip
+        raise UserError(
+            f"{flag} {source}: folder has no config.json; point it at a saved model folder "
+            "(or a hub name such as gpt2-xl)."
+        )
     if not local.exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
         raise UserError(f"{flag} {source}: no such folder.")
 
@@ -344,8 +291,12 @@ def load_model(args: ModelArguments, lora: LoraArguments, training: TrainingArgu
             check_model_source(source, "--model_name_or_path")
             config = AutoConfig.from_pretrained(args.config_name or source, **hub_options(args))
             model = AutoModelForCausalLM.from_pretrained(
-                source, config=config, dtype=args.dtype, quantization_config=quantization(lora), **hub_options(args)
-            )  # fmt: skip
+                source,
+                config=config,
+                dtype=args.dtype,
+                quantization_config=quantization(lora),
+                **hub_options(args),
+            )
     except OSError as error:
         raise UserError(
             f"--model_name_or_path {source}: cannot load it ({str(error).splitlines()[0]})."
@@ -365,15 +316,21 @@ def load_model(args: ModelArguments, lora: LoraArguments, training: TrainingArgu
         if lora.load_in_4bit:
             model = prepare_model_for_kbit_training(model, training.activation_checkpointing)
         adapter = LoraConfig(
-            r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
-            target_modules=lora.lora_target_modules or "all-linear", task_type="CAUSAL_LM",
-        )  # fmt: skip
+            r=lora.lora_r,
+            lora_alpha=lora.lora_alpha,
+            lora_dropout=lora.lora_dropout,
+            target_modules=lora.lora_target_modules or "all-linear",
+            task_type="CAUSAL_LM",
+        )
         try:
             model = get_peft_model(model, adapter)
         except ValueError as error:
             raise UserError(f"--lora_target_modules: {str(error).splitlines()[0]}") from None
         trainable, total = model.get_nb_trainable_parameters()
-        say(f"LoRA r={lora.lora_r} alpha={lora.lora_alpha}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%)")  # fmt: skip
+        say(
+            f"LoRA r={lora.lora_r} alpha={lora.lora_alpha}: {trainable:,} trainable parameters "
+            f"of {total:,} ({100 * trainable / total:.2f}%)"
+        )
     return model
 
 
@@ -383,9 +340,11 @@ def quantization(lora: LoraArguments):
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
-    )  # fmt: skip
+    )
 
 
 def model_positions(config) -> int:
@@ -402,7 +361,10 @@ def pick_block_size(requested: int | None, model_positions: int) -> int:
     if requested < 1:
         raise UserError(f"--block_size {requested}: must be a positive number of tokens.")
     if requested > model_positions:
-        say(f"warning: --block_size {requested} exceeds the model's {model_positions} positions; using {model_positions}.")  # fmt: skip
+        say(
+            f"warning: --block_size {requested} exceeds the model's {model_positions} positions; "
+            f"using {model_positions}."
+        )
         return model_positions
     return requested
 
@@ -413,7 +375,10 @@ def collator_for(model, tokenizer, data, examples: bool):
     if data.packing:
         if clm_data.supports_packing(model):
             return DataCollatorWithFlattening()
-        say(f"--packing: {model.config.model_type}'s attention cannot keep packed examples apart; padding each batch instead.")  # fmt: skip
+        say(
+            f"--packing: {model.config.model_type}'s attention cannot keep packed examples apart; "
+            "padding each batch instead."
+        )
     return clm_data.PadToLongest(tokenizer.pad_token_id)
 
 
@@ -564,7 +529,10 @@ def train_and_evaluate(model_args, lora, data, run, training) -> None:
     if training.do_train:
         saved, width = (trainable, 4) if lora.use_peft else (parameters, model.dtype.itemsize)
         optimizer = 0 if training.save_only_model else trainable
-        checkpoints.check_disk(output_dir, checkpoints.checkpoint_bytes(saved, optimizer, width, bool(training.deepspeed)))  # fmt: skip
+        checkpoints.check_disk(
+            output_dir,
+            checkpoints.checkpoint_bytes(saved, optimizer, width, bool(training.deepspeed)),
+        )
     say(
         f"model {model_args.model_name_or_path or model_args.model_type}: {parameters / 1e6:.1f}M parameters, "
         f"block {block_size} tokens, {len(train_set) if train_set is not None else 0} train / "
@@ -577,10 +545,14 @@ def train_and_evaluate(model_args, lora, data, run, training) -> None:
     stopper, sealer = checkpoints.StopOnSignal(), checkpoints.Sealer(training.save_total_limit)
     training.save_total_limit = None  # the Sealer rotates, after sealing
     trainer = GuardedTrainer(
-        model=model, args=training, train_dataset=train_set, eval_dataset=eval_set,
-        processing_class=tokenizer, data_collator=collator_for(model, tokenizer, data, examples),
+        model=model,
+        args=training,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        processing_class=tokenizer,
+        data_collator=collator_for(model, tokenizer, data, examples),
         callbacks=[stopper, sealer, ReportEngine()],
-    )  # fmt: skip
+    )
     trainer.guard = checkpoints.NonFiniteGuard(run.max_nonfinite_steps)
     trainer.add_callback(trainer.guard)
 
@@ -596,7 +568,8 @@ def train_and_evaluate(model_args, lora, data, run, training) -> None:
             raise
         if stopper.reason:
             say(
-                f"stopped at step {trainer.state.global_step}; checkpoint saved. Run the same command again to resume."
+                f"stopped at step {trainer.state.global_step}; checkpoint saved. "
+                "Run the same command again to resume."
             )
             sys.exit(
                 128

@@ -16,6 +16,7 @@ SCRIPTS = [
     "clm_data.py",
     "checkpoints.py",
     "common.py",
+    "deepspeed_json.py",
     "chat_template.jinja",
     "text2csv.py",
     "generation.py",

@@ -297,3 +297,20 @@ def test_wandb_without_key_records_offline(tmp_path, tiny_gpt2):
     assert "wandb: no API key (run `wandb login` to log online); recording offline under ./wandb/." in done.stdout  # fmt: skip
     assert list((tmp_path / "wandb").glob("offline-run-*"))
     assert "No artists with labels" not in done.stderr  # the loss plot of a run without eval
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="QLoRA and 8-bit optimizers need CUDA")
+@pytest.mark.parametrize(
+    "flags", [["--use_peft", "--load_in_4bit"], ["--optim", "paged_adamw_8bit"]]
+)
+def test_qlora_and_8bit_optimizers_train_on_a_gpu(tmp_path, tiny_llama, flags):
+    """For a session with a GPU: bitsandbytes' 4-bit base and 8-bit optimizer states train."""
+    (tmp_path / "train.txt").write_text((REPO / "validation.txt").read_text(encoding="utf-8"))
+    argv = ["python", str(REPO / "run_clm.py"), "--model_name_or_path", str(tiny_llama), "--bf16",
+            "--train_file", "train.txt", "--do_train", "--output_dir", "out", "--max_steps", "6",
+            "--block_size", "64", "--learning_rate", "3e-3", "--logging_steps", "1", *flags]  # fmt: skip
+    done = run(argv, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = losses(tmp_path / "out")
+    assert steps[6] < steps[1], steps
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.model_type == "llama"
