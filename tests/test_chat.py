@@ -3,11 +3,15 @@ the deepspeed launcher (packed, loss on the answers only), then answers a traini
 
 import json
 import shutil
+import sys
 
 import pytest
 
 from launch import free_port, run, workdir
 from tiny import REPO
+
+sys.path.insert(0, str(REPO))
+import run_generation
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +40,22 @@ def test_the_eval_loss_on_the_answers_falls_far(trained):
     assert evals[0] > 8 and evals[-1] < 0.5, evals  # from a random guess to knowing the answers
 
 
-def test_the_trained_model_answers_a_training_question(trained):
+def test_the_trained_model_answers_a_training_question(trained, capsys):
     folder, records, _ = trained
     question, answer = (turn["content"] for turn in records[3]["messages"])
-    done = run(["python", "run_generation.py", "--model_name_or_path", "qa", "--chat", "--prompt", question,
-                "--temperature", "0", "--length", "20"], cwd=folder)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert answer in done.stdout, (question, answer, done.stdout)
+    argv = [
+        "--model_name_or_path",
+        str(folder / "qa"),
+        "--chat",
+        "--prompt",
+        question,
+        "--temperature",
+        "0",
+    ]
+    [said] = run_generation.main(
+        [*argv, "--length", "20"]
+    )  # as the script runs it, in this process
+    assert said.strip() == answer and answer in capsys.readouterr().out, (question, answer, said)
     # The chat format it was trained with is saved with it, for the generation scripts.
     shutil.copy(REPO / "chat_template.jinja", folder / "default.jinja")
     saved = json.loads((folder / "qa" / "tokenizer_config.json").read_text())

@@ -7,7 +7,10 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
+
+import pytest
 
 from launch import (  # fmt: skip
     complete_checkpoints,
@@ -20,6 +23,9 @@ from launch import (  # fmt: skip
     workdir,
 )
 from tiny import REPO
+
+sys.path.insert(0, str(REPO))
+import run_clm
 
 
 def training_text() -> str:
@@ -86,36 +92,29 @@ def test_sigkill_while_saving_resumes_from_the_previous_checkpoint(tmp_path, tin
     assert complete_checkpoints(out) == ["checkpoint-6"]  # --save_total_limit 1 honoured
 
 
-CRASHING_EVAL = """
-import sys
-sys.path.insert(0, {repo!r})
-import run_clm
-
-def crash(self, *args, **kwargs):
-    raise RuntimeError("the machine died during evaluation")
-
-run_clm.GuardedTrainer.evaluate = crash
-run_clm.main()
-"""
-
-
-def test_a_crash_during_evaluation_leaves_the_run_resumable_not_finished(tmp_path, tiny_gpt2):
+def test_a_crash_during_evaluation_leaves_the_run_resumable_not_finished(tmp_path, tiny_gpt2, monkeypatch, capsys):  # fmt: skip
     (tmp_path / "train.txt").write_text(training_text(), encoding="utf-8")
-    (tmp_path / "crash.py").write_text(CRASHING_EVAL.format(repo=str(REPO)))
-    flags = ["--model_name_or_path", str(tiny_gpt2), "--train_file", "train.txt", "--do_train",
-             "--do_eval", "--output_dir", "out", "--max_steps", "4", "--block_size", "32",
-             "--save_steps", "2"]  # fmt: skip
-    crashed = run(["python", "crash.py", *flags], cwd=tmp_path)
-    assert crashed.returncode != 0 and "the machine died during evaluation" in crashed.stderr
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model_name_or_path", str(tiny_gpt2), "--train_file", "train.txt", "--do_train",
+            "--do_eval", "--output_dir", "out", "--max_steps", "4", "--block_size", "32",
+            "--save_steps", "2"]  # fmt: skip
+
+    def crash(self, *args, **kwargs):
+        raise RuntimeError("the machine died during evaluation")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(run_clm.GuardedTrainer, "evaluate", crash)
+        with pytest.raises(RuntimeError, match="died during evaluation"):
+            run_clm.main(argv)
     assert not (tmp_path / "out" / "all_results.json").exists()  # trained, but not finished
-    again = run(["python", str(REPO / "run_clm.py"), *flags], cwd=tmp_path)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "resuming from out/checkpoint-4" in again.stdout
+    capsys.readouterr()
+    run_clm.main(argv)
+    assert "resuming from out/checkpoint-4" in capsys.readouterr().out
     results = json.loads((tmp_path / "out" / "all_results.json").read_text())
     assert "eval_loss" in results and "train_loss" in results
 
 
-def test_overwrite_output_dir_starts_fresh(tmp_path, tiny_gpt2):
+def test_overwrite_output_dir_starts_fresh(tmp_path, tiny_gpt2, monkeypatch, capsys):
     """The one way to retrain a finished run: old checkpoints go, training starts at step 1."""
     out = tmp_path / "out"
     shutil.copytree(tiny_gpt2, out)

@@ -6,9 +6,10 @@ import sys
 from collections import namedtuple
 
 import pytest
+import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
-from launch import replace_flag, run, run_clm_plain
+from launch import replace_flag, run_clm_plain
 from tiny import REPO, gpt2_tokenizer
 
 sys.path.insert(0, str(REPO))
@@ -222,32 +223,12 @@ def test_disk_too_small_for_a_checkpoint_fails_before_training(capsys, base, tmp
     assert not list((tmp_path / "out").glob("checkpoint-*"))
 
 
-OOM_SCRIPT = """
-import sys, torch
-sys.path.insert(0, {repo!r})
-import run_clm
-
-def out_of_memory(self, *args, **kwargs):
-    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
-run_clm.GuardedTrainer.training_step = out_of_memory
-run_clm.main()
-"""
-
-
-def test_gpu_out_of_memory_says_what_to_change(tmp_path, tiny_gpt2):
+def test_gpu_out_of_memory_says_what_to_change(capsys, base, monkeypatch):
     """torch raises OutOfMemoryError from inside a step; the user gets advice, not a CUDA traceback."""
-    (tmp_path / "oom.py").write_text(OOM_SCRIPT.format(repo=str(REPO)))
-    (tmp_path / "train.txt").write_text(
-        "Now is the winter of our discontent.\n" * 100, encoding="utf-8"
-    )
-    argv = ["python", "oom.py", "--model_name_or_path", str(tiny_gpt2), "--train_file", "train.txt",
-            "--do_train", "--output_dir", "out", "--block_size", "32", "--save_strategy", "no"]  # fmt: skip
-    done = run(argv, cwd=tmp_path)
-    assert done.returncode == 2
-    assert "Traceback" not in done.stderr
-    last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith(
-        "run_clm.py: error: GPU out of memory: lower --per_device_train_batch_size"
-    ), last
-    assert "ds_config_zero3.json" in last and "--use_peft" in last and "(at step 0)" in last
+
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(run_clm.GuardedTrainer, "training_step", out_of_memory)
+    err = fails_with(capsys, [*base, "--block_size", "32", "--save_strategy", "no"], "GPU out of memory: lower --per_device_train_batch_size")  # fmt: skip
+    assert "ds_config_zero3.json" in err and "--use_peft" in err and "(at step 0)" in err
