@@ -469,10 +469,11 @@ def close_progress_bars(trainer: Trainer) -> None:
 def save_merged(model_args: ModelArguments, tokenizer, output_dir: Path) -> None:
     """Merge the trained adapter into a fresh copy of the base model and save that (rank 0)."""
     from peft import PeftModel
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    dtype = model_args.dtype if model_args.dtype != "auto" else None
+    unset_hf_deepspeed_config()  # training is over: load the base whole, not split by ZeRO-3
     base = AutoModelForCausalLM.from_pretrained(
-        model_args.model_name_or_path, dtype=dtype or "auto", **hub_options(model_args)
+        model_args.model_name_or_path, dtype=model_args.dtype, **hub_options(model_args)
     )
     merged = PeftModel.from_pretrained(base, output_dir / "adapter").merge_and_unload()
     merged.save_pretrained(output_dir)
