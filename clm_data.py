@@ -349,9 +349,9 @@ def checked(record: Any, where: str, shape: str) -> dict:
 
 
 def generate(
-    path: str, kind: str, shape: str, rule, paragraphs: bool, keep_linebreaks: bool, stamp
+    path: str, kind: str, shape: str, rule, paragraphs: bool, keep_linebreaks: bool, stamp, code
 ):
-    """The records of one file (`stamp`, its size and time, keys the datasets cache)."""
+    """The records of one file (`stamp`, its size and time, and `code` key the datasets cache)."""
     if kind == "txt":
         yield from txt_records(path, rule, paragraphs, keep_linebreaks)
         return
@@ -398,6 +398,7 @@ def read_split(flag: str, path: str, data: DataArguments, rule: str | None) -> d
             "paragraphs": data.examples,
             "keep_linebreaks": data.keep_linebreaks,
             "stamp": (str(Path(path).absolute()), stat.st_size, stat.st_mtime_ns),
+            "code": Hasher.hash([inspect.getsource(f) for f in (txt_records, checked, pieces)]),
         }
         try:
             dataset = datasets.Dataset.from_generator(
@@ -562,9 +563,15 @@ def tokenize(
         input_ids, labels = input_ids + tail, labels + tail
         return {"input_ids": input_ids[:block_size], "labels": labels[:block_size]}
 
+    carry = [np.empty(0, dtype=np.int32)]  # the tokens of one batch that start the next block
+
     def group(table: pa.Table) -> dict:
-        stream = table.column("input_ids").combine_chunks().flatten().to_numpy()
+        # Batches come in order, so carrying the tail over cuts the whole stream as one, while
+        # memory stays that of a batch: only the stream's last partial block is dropped.
+        ids = table.column("input_ids").combine_chunks().flatten().to_numpy()
+        stream = np.concatenate([carry[0], ids])
         usable = len(stream) - len(stream) % block_size
+        carry[0] = stream[usable:]
         blocks = stream[:usable].reshape(-1, block_size)
         return {"input_ids": blocks, "labels": blocks}
 
@@ -614,12 +621,13 @@ def tokenize(
             **options,
         )
         check_enough_tokens(split, encoded, data, block_size)
+        carry[0] = np.empty(0, dtype=np.int32)
         done[split] = (
             encoded.with_format("arrow")
             .map(
                 group,
                 batched=True,
-                batch_size=None,
+                batch_size=256,
                 load_from_cache_file=not data.overwrite_cache,
                 new_fingerprint=Hasher.hash((encoded._fingerprint, settings)),
                 desc=f"Grouping into blocks of {block_size}",
