@@ -326,10 +326,12 @@ def carry_out(plan: ResumePlan) -> None:
 
 
 def checkpoint_bytes(saved: int, trainable: int, weight_bytes: int, deepspeed: bool) -> int:
-    """Disk one checkpoint takes: the weights it saves (the model, or only a LoRA adapter),
-    DeepSpeed's own copy of them, and for each trainable parameter Adam's fp32 master copy and
-    two moments (12 bytes), which even a LoRA run keeps."""
-    return saved * weight_bytes * (2 if deepspeed else 1) + trainable * 12
+    """Disk one checkpoint takes: the weights it saves (the model, or only a LoRA adapter) and
+    Adam's two moments for each trainable parameter, in the weights' dtype; DeepSpeed adds its own
+    copy of the weights and keeps fp32 master weights and moments (12 bytes a parameter)."""
+    if deepspeed:
+        return 2 * saved * weight_bytes + 12 * trainable
+    return saved * weight_bytes + 2 * weight_bytes * trainable
 
 
 def check_disk(output_dir: Path, needed: int) -> None:
@@ -339,6 +341,10 @@ def check_disk(output_dir: Path, needed: int) -> None:
     free = shutil.disk_usage(probe).free
     if free < needed:
         raise UserError(
-            f"--output_dir {output_dir}: {free / 2**30:.1f} GiB free, one checkpoint needs about "
-            f"{needed / 2**30:.1f} GiB; free space, or point --output_dir at a bigger disk."
+            f"--output_dir {output_dir}: {readable(free)} free, one checkpoint needs about "
+            f"{readable(needed)}; free space, or point --output_dir at a bigger disk."
         )
+
+
+def readable(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
