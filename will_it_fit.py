@@ -1,1087 +1,621 @@
 #!/usr/bin/env python
 """Will it fit? Plan a fine-tuning run's GPU memory and host RAM from the model's config alone.
 
-From a model's config (no weights are read or allocated), a DeepSpeed config, the batch and
-block sizes and the number of GPUs, print what the run needs on each GPU and in each node's RAM,
-compare it with a machine, say whether it fits and, when it does not, name the cheapest change
-that does: a smaller micro-batch with more accumulation, smaller buckets, the ZeRO-3 config, or
-more GPUs.
-
-    python will_it_fit.py --model gpt2-xl --deepspeed ds_config.json \\
-        --per_device_train_batch_size 8 --gradient_accumulation_steps 2 \\
-        --gpu_memory 16GB --ram 78GB
-
-Model states (weights, gradients, optimizer states) are DeepSpeed's own estimates; the rest
-(activations with gradient checkpointing, DeepSpeed's buffers, the peak while saving) follow the
-formulas documented in each function. Sizes are in GiB (2**30 bytes), the unit DeepSpeed's
-estimators and nvidia-smi use: a "16 GB" V100 has 16 GiB, and "GB" on the command line means GiB.
-
-Exit status: 0 fits, 1 does not fit (or there is no GPU to compare with), 2 bad input.
+Takes run_clm.py's flags or a whole pasted training command, builds the model on the meta device
+(no weights are read), prints what the run needs per GPU and per node against this machine (or
+--gpu_memory / --ram) and, when it does not fit, the cheapest change that does. What each figure
+counts, and why: docs/planner.md. Sizes are GiB, as DeepSpeed and nvidia-smi count them.
 """
-
-from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
+import itertools
 import json
 import math
 import os
 import re
+import shlex
 import sys
-from dataclasses import dataclass
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, fields, replace
+from functools import cache
 from pathlib import Path
 from typing import Any
 
-PROG = "will_it_fit.py"
-GIB = 2**30
-# Not resolved: a symlinked copy of the repo should name its own configs, not the originals.
-HERE = Path(__file__).absolute().parent
+import psutil
 
-# The configs the search may switch to, looked up beside this script so it works from any cwd.
-ZERO3_CONFIG = HERE / "ds_config_zero3.json"
-SMALL_BUCKETS_CONFIG = HERE / "ds_config_gptneo.json"
-# The guide's fallback for tight GPUs: "reduce allgather_bucket_size and reduce_bucket_size to 5e7".
-SMALL_BUCKET = 50_000_000
+from common import UserError, fail, number, true_or_false
 
-# Fixed costs a measurement sees but no formula gives: the CUDA context with cuBLAS/cuDNN
-# workspaces and the caching allocator's slack on each GPU, and on the host each training
-# process's Python, torch and CUDA libraries, tokenizer and tokenized data.
-CUDA_CONTEXT = 1 * GIB
-RUNTIME_RAM = 3 * GIB
-
-# Bytes per logit held at the loss: the 16-bit logits, the fp32 copy transformers' loss makes
-# (ForCausalLMLoss upcasts), and the fp32 log-softmax that cross-entropy keeps for backward
-# (its fp32 gradient later takes that place).
-LOGIT_BYTES = 2 + 4 + 4
-
-# These families' eager attention computes query x key in fp32 (HF casts q and k up), so their
-# scores and saved q, k take twice the bytes of a 16-bit model's.
-FP32_ATTENTION = {"gpt_neo", "gptj"}
-# Activations transformers writes as several Python tensor operations (autograd saves each step).
-PYTHON_GELUS = {"gelu_new"}
-
-# Published configs (from each model's config.json on the Hugging Face hub), so the planner
-# needs no download: only the fields that set the architecture's size.
-PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
-    "gpt2": {
-        "model_type": "gpt2",
-        "n_layer": 12,
-        "n_embd": 768,
-        "n_head": 12,
-        "n_positions": 1024,
-        "vocab_size": 50257,
-    },
-    "gpt2-medium": {
-        "model_type": "gpt2",
-        "n_layer": 24,
-        "n_embd": 1024,
-        "n_head": 16,
-        "n_positions": 1024,
-        "vocab_size": 50257,
-    },
-    "gpt2-large": {
-        "model_type": "gpt2",
-        "n_layer": 36,
-        "n_embd": 1280,
-        "n_head": 20,
-        "n_positions": 1024,
-        "vocab_size": 50257,
-    },
-    "gpt2-xl": {
-        "model_type": "gpt2",
-        "n_layer": 48,
-        "n_embd": 1600,
-        "n_head": 25,
-        "n_positions": 1024,
-        "vocab_size": 50257,
-    },
-    "EleutherAI/gpt-neo-125M": {
-        "model_type": "gpt_neo",
-        "num_layers": 12,
-        "hidden_size": 768,
-        "num_heads": 12,
-        "attention_types": [[["global", "local"], 6]],
-        "window_size": 256,
-        "max_position_embeddings": 2048,
-        "vocab_size": 50257,
-    },
-    "EleutherAI/gpt-neo-1.3B": {
-        "model_type": "gpt_neo",
-        "num_layers": 24,
-        "hidden_size": 2048,
-        "num_heads": 16,
-        "attention_types": [[["global", "local"], 12]],
-        "window_size": 256,
-        "max_position_embeddings": 2048,
-        "vocab_size": 50257,
-    },
-    "EleutherAI/gpt-neo-2.7B": {
-        "model_type": "gpt_neo",
-        "num_layers": 32,
-        "hidden_size": 2560,
-        "num_heads": 20,
-        "attention_types": [[["global", "local"], 16]],
-        "window_size": 256,
-        "max_position_embeddings": 2048,
-        "vocab_size": 50257,
-    },
-    "EleutherAI/gpt-j-6b": {
-        "model_type": "gptj",
-        "n_layer": 28,
-        "n_embd": 4096,
-        "n_head": 16,
-        "n_positions": 2048,
-        "rotary_dim": 64,
-        "vocab_size": 50400,
-        "tie_word_embeddings": False,
-    },
-    "facebook/opt-13b": {
-        "model_type": "opt",
-        "num_hidden_layers": 40,
-        "hidden_size": 5120,
-        "num_attention_heads": 40,
-        "ffn_dim": 20480,
-        "word_embed_proj_dim": 5120,
-        "max_position_embeddings": 2048,
-        "vocab_size": 50272,
-        "do_layer_norm_before": True,
-    },
-}
-# The hub moved OpenAI's checkpoints under an organisation; both spellings name the same model.
-HUB_PREFIXES = ("openai-community/",)
-
-
-class PlanError(Exception):
-    """A problem with the user's input, reported as one line and exit status 2."""
+PROG, GIB = "will_it_fit.py", 2**30
+HERE = Path(__file__).absolute().parent  # not resolved: a linked copy names its own ds_configs
+# What measurements see and no formula gives: per GPU the CUDA context, workspaces and allocator
+# slack; per training process Python, torch, the CUDA libraries and the data.
+CUDA_CONTEXT, RUNTIME_RAM = 1 * GIB, 3 * GIB
+# NF4 with double quantization: 4 bits, an 8-bit scale per 64 weights, an fp32 one per 256 scales.
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# GPUs x nodes to spread a run over: fewest GPUs first, filling a node before adding one.
+LAYOUTS = sorted(itertools.product((1, 2, 4, 8), repeat=2), key=lambda g: (g[0] * g[1], -g[0]))
+# Activation bytes a block keeps per token, in 16 bits, per unit of the hidden size h and of the
+# MLP width i; k and v (4 * their width) and eager attention's scores come on top. "frozen": per
+# h, what a LoRA run's frozen layers no longer keep for weight gradients (with the MLP's 2*i).
+# GPT-style blocks: Korthikanti et al. 2022 (4.1), 5 bytes a score. Llama-style ones (SwiGLU, a
+# Python RMSNorm that keeps fp32 copies, no dropout): measured, 6 a score.
+BLOCKS = {"gpt": dict(h=14, i=4, score=5, frozen=6), "gated": dict(h=20, i=8, score=6, frozen=8)}
+Items = dict[str, int]  # the lines of a plan: what, and its bytes
+Zero = Any  # DeepSpeed's DeepSpeedZeroConfig, imported only when a plan needs DeepSpeed
+Machine = tuple[int | None, int]  # one GPU's bytes (None: no GPU here), one node's RAM
 
 
 @dataclass(frozen=True)
-class ModelFacts:
-    """What the planner needs to know about a model, all derived from its config."""
+class Model:
+    """A model's sizes as the plan needs them, counted on the meta device."""
 
     name: str
-    model_type: str
-    params: int
-    largest_layer_params: int
-    largest_param: int
+    config: Any  # transformers' config: hidden_size, num_hidden_layers, vocab_size, ...
+    dtype: str  # what the weights load in
+    params: int  # a tied weight once, as DeepSpeed counts
+    quantizable: int  # the linear weights bitsandbytes stores in 4 bits (all but lm_head's)
+    head: int  # lm_head's weight
+    largest: int  # the biggest module's own parameters, as DeepSpeed's ZeRO-3 estimator wants
     block_params: int
-    param_sizes: tuple[int, ...]
-    layers: int
-    hidden: int
-    heads: int
-    vocab: int
-    intermediate: int
-    max_positions: int
-    attention: str
-    activation: str
-
-
-@dataclass(frozen=True)
-class ZeroSettings:
-    """The parts of a DeepSpeed config that decide memory, with "auto" resolved as the Trainer does."""
-
-    source: str
-    stage: int
-    offload_optimizer: str
-    offload_param: str
-    reduce_bucket_size: int
-    allgather_bucket_size: int
-    overlap_comm: bool
-    contiguous_gradients: bool
-    prefetch_bucket_size: int
-    persistence_threshold: int
-    max_live_parameters: int
-    gather_16bit_on_save: bool
-    edit: str = ""
+    gated: bool  # Llama-style blocks (a gate_proj): BLOCKS["gated"]
+    lora_per_rank: int  # adapter parameters per unit of LoRA rank on the targeted layers
+    lora_inputs: int  # the targeted layers' input widths, summed over one block
 
 
 @dataclass(frozen=True)
 class Run:
-    """The shape of the training run being planned."""
+    """The training run, in run_clm.py's terms (the parser's dest names are these fields)."""
 
     micro_batch: int
     grad_accum: int
     block_size: int
     gpus_per_node: int
     nodes: int
-    precision: str
-    # run_clm.py's default; False plans `--gradient_checkpointing False`.
+    precision: str  # fp16, bf16, or fp32 when neither flag is given
     checkpointing: bool = True
+    deepspeed: str | None = None  # the config file, as typed; None: no DeepSpeed
+    zero: Zero | None = None  # its ZeRO settings
+    peft: bool = False
+    four_bit: bool = False
+    lora_r: int = 16
+    lora_dropout: float = 0.05
+    optim: str | None = None  # None: the Trainer's default AdamW
 
     @property
-    def total_gpus(self) -> int:
+    def total_gpus(self) -> int:  # ZeRO partitions over all of them
         return self.gpus_per_node * self.nodes
 
     @property
-    def effective_batch(self) -> int:
+    def effective_batch(self) -> int:  # what a change must keep: the sequences per step
         return self.micro_batch * self.grad_accum * self.total_gpus
 
-
-@dataclass(frozen=True)
-class Machine:
-    """Memory of one GPU and of one node's RAM, in bytes; gpu None when there is no GPU to use."""
-
-    gpu: int | None
-    ram: int
-    gpu_source: str
-    ram_source: str
-
-
-@dataclass(frozen=True)
-class Item:
-    label: str
-    size: int
+    def trained(self, model: Model) -> int:  # what gets gradients and optimizer states
+        return model.lora_per_rank * self.lora_r if self.peft else model.params
 
 
 @dataclass(frozen=True)
 class Plan:
-    """What one run needs, item by item, against one machine."""
+    """A run's needs, item by item, and whether they fit the machine."""
 
-    model: ModelFacts
-    zero: ZeroSettings
+    model: Model
     run: Run
-    machine: Machine
-    states_cpu: int
-    states_gpu: int
-    gpu_items: tuple[Item, ...]
-    ram_items: tuple[Item, ...]
-
-    @property
-    def gpu_total(self) -> int:
-        return sum(item.size for item in self.gpu_items)
-
-    @property
-    def ram_total(self) -> int:
-        return sum(item.size for item in self.ram_items)
-
-    @property
-    def gpu_fits(self) -> bool:
-        return self.machine.gpu is not None and self.gpu_total <= self.machine.gpu
-
-    @property
-    def ram_fits(self) -> bool:
-        return self.ram_total <= self.machine.ram
-
-    @property
-    def fits(self) -> bool:
-        return self.gpu_fits and self.ram_fits
-
-
-@dataclass(frozen=True)
-class Change:
-    """A change to the run that the search tried, and the plan it gives."""
-
-    what: str
-    plan: Plan
+    gpu_items: Items
+    ram_items: Items
+    gpu_total: int
+    ram_total: int
+    fits: bool
 
 
 def parse_size(text: str) -> int:
-    """Bytes in a size like 16GB, 16GiB, 16 (GiB), 16160MiB or 1.5TB; GB means GiB here."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?)?\s*", text, flags=re.IGNORECASE)
-    if match is None:
+    """Bytes in 16GB, 16GiB, 16 (GiB), 16160MiB or 1.5TB: cards sell "16 GB" meaning 16 GiB."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", text, flags=re.IGNORECASE)
+    if match is None or float(match.group(1)) <= 0:
         raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (try 16GB)")
-    unit = (match.group(2) or "g")[0].lower()
-    # Cards and clouds sell "16 GB" meaning 16 GiB; counting GB as 10**9 would shrink every GPU.
-    scale = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[unit]
-    size = int(float(match.group(1)) * scale)
-    if size <= 0:
-        raise argparse.ArgumentTypeError(f"memory size must be positive: {text!r}")
-    return size
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
-
-
-def true_or_false(text: str) -> bool:
-    """The Trainer's spelling of a boolean flag value: True/False, also yes/no and 1/0."""
-    value = text.strip().lower()
-    if value in ("true", "yes", "1"):
-        return True
-    if value in ("false", "no", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"{text!r} is not True or False")
-
-
-def plural(number: int, word: str) -> str:
-    return f"{number} {word}" if number == 1 else f"{number} {word}s"
-
-
-def gib(size: float) -> str:
-    return f"{size / GIB:.2f}"
+    power = "kmgt".index(match.group(2).lower() or "g") + 1
+    return int(float(match.group(1)) * 2 ** (10 * power))
 
 
 def count(value: float) -> str:
-    """2e8 -> "2e8", 6553600 -> "6.55e6": bucket sizes the way DeepSpeed configs spell them."""
-    if value <= 0:
-        return "0"
-    exponent = math.floor(math.log10(value))
-    return f"{value / 10**exponent:.3g}e{exponent}"
+    """2e8 -> "2e8", 6553600 -> "6.55e6": as DeepSpeed configs write sizes."""
+    return f"{value:.3g}".replace("e+0", "e").replace("e+", "e")
 
 
-def shown(path: Path) -> str:
-    """A config path as a user would type it from the current directory."""
-    try:
-        return str(path.absolute().relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
+def plural(n: int, what: str) -> str:
+    """A layout as a person says it: "1 node", "2 nodes"."""
+    return f"{n} {what}{'s' * (n > 1)}"
+
+
+def join(*parts: str) -> str:
+    """Changes combined, as the advice names them."""
+    return " + ".join(part for part in parts if part)
 
 
 def read_json(path: Path) -> Any:
-    """Parse a JSON file, naming the file and line of a syntax error."""
+    """A JSON file, or a one-line error naming it and, for a syntax error, the line."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PlanError(f"{path}: no such file") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-        raise PlanError(f"{path}: cannot read it ({exc.__class__.__name__})") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise PlanError(f"{path}, line {exc.lineno}: malformed JSON: {exc.msg}") from None
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UserError(f"{path}: {exc.strerror or 'cannot read it'}; check the path") from None
+    except ValueError as exc:  # malformed JSON, or not text at all
+        line, why = getattr(exc, "lineno", 1), getattr(exc, "msg", exc)
+        raise UserError(f"{path}, line {line}: not valid JSON ({why}); fix it") from None
 
 
-def published_config(spec: str) -> tuple[str, dict[str, Any]] | None:
-    """The built-in config named by a hub name, matched case-insensitively."""
-    wanted = spec.lower()
-    for prefix in HUB_PREFIXES:
-        wanted = wanted.removeprefix(prefix)
-    for name, config in PUBLISHED_CONFIGS.items():
-        if name.lower() == wanted:
-            return name, dict(config)
-    return None
+@cache
+def published() -> dict[str, Any]:
+    """published_configs.json: the published models' config fields, the optimizers' states."""
+    return read_json(HERE / "published_configs.json")
 
 
-def read_model_config(spec: str) -> tuple[str, dict[str, Any]]:
-    """Model name and config dict from a model directory, a config.json, or a published name."""
-    path = Path(spec)
+def find_config(spec: str) -> tuple[str, dict]:
+    """A model directory's or config.json's fields, or a published model's, by name."""
     # A local directory wins over a hub name, as it does for from_pretrained and run_clm.py.
-    if path.is_dir():
-        path = path / "config.json"
-        if not path.is_file():
-            raise PlanError(f"{spec}: a directory without config.json")
+    path = Path(spec) / "config.json" if Path(spec).is_dir() else Path(spec)
     if path.is_file():
-        data = read_json(path)
-        if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
-            raise PlanError(f'{path}: not a model config (no "model_type")')
-        return spec, data
-    found = published_config(spec)
-    if found is None:
-        names = ", ".join(PUBLISHED_CONFIGS)
-        raise PlanError(
-            f"unknown model {spec!r}: give a model directory, a config.json, or one of: {names}"
-        )
-    return found
+        return spec, read_json(path)
+    # The hub moved OpenAI's checkpoints under an organisation; the name after one is enough.
+    wanted = spec.lower().removeprefix("openai-community/")
+    for name, config in published()["models"].items():
+        if wanted in (name.lower(), name.lower().rsplit("/")[-1]):
+            return name, dict(config)
+    names = ", ".join(published()["models"])
+    raise UserError(f"unknown model {spec!r}: give a model directory, a config.json, or: {names}")
 
 
-def model_facts(spec: str, attention: str = "auto") -> ModelFacts:
-    """Count a model's parameters exactly by building it on the meta device: no memory, no weights."""
-    name, data = read_model_config(spec)
+def lora_sizes(model: Any, targets: tuple[str, ...]) -> tuple[int, int]:
+    """Adapter parameters per unit of rank, and the adapted layers' input widths in one block,
+    as peft's own rules pick the layers ("all-linear": run_clm.py's default). Adds the adapter."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    adapter = LoraConfig(r=1, target_modules=list(targets) or "all-linear", task_type="CAUSAL_LM")
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lora = get_peft_model(model, adapter)
+    except ValueError as exc:
+        raise UserError(f"--lora_target_modules: {str(exc).splitlines()[0]}") from None
+    inputs = sum(m.in_features for m in lora.modules() if hasattr(m, "lora_A"))
+    return lora.get_nb_trainable_parameters()[0], inputs // model.config.num_hidden_layers
+
+
+@cache  # building the adapter on 200-odd layers takes peft most of a second
+def model_facts(spec: str, attention: str, targets: tuple[str, ...], dtype: str) -> Model:
+    """A model directory's, config.json's or published name's sizes, counted on the meta device."""
+    name, data = find_config(spec)
     # Heavy imports wait until the cheap input checks passed, so a typo is reported at once.
     import torch
+    from torch.nn import Linear, ModuleList
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
 
-    data = dict(data)
-    model_type = data.pop("model_type")
+    # A config without a dtype comes from an fp32 checkpoint, as GPT-2's.
+    saved = [data.pop(key, None) for key in ("dtype", "torch_dtype")]
+    dtype = next((d for d in saved if d in DTYPES), "float32") if dtype == "auto" else dtype
+    chosen = {} if attention == "auto" else {"attn_implementation": attention}
     try:
-        config = AutoConfig.for_model(model_type, **data)
-    except (ValueError, TypeError, KeyError) as exc:
-        raise PlanError(f"{spec}: transformers cannot build this config: {exc}") from None
-    kwargs = {} if attention == "auto" else {"attn_implementation": attention}
-    try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, **kwargs)
-    except (ValueError, TypeError, KeyError, ImportError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PlanError(
-            f"{spec}: not a causal language model transformers can build: {first_line}"
-        ) from None
-    # parameters() yields a tied weight once, as DeepSpeed's own counter (by data_ptr) does.
-    sizes = tuple(p.numel() for p in model.parameters())
-    # DeepSpeed's ZeRO-3 estimator wants the biggest single module's own parameters.
-    largest_layer = max(
-        sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()
-    )
-    # The transformer blocks are the longest ModuleList; ZeRO-3 gathers about one block at a time.
-    blocks = max(
-        (m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len, default=None
-    )
-    block = sum(p.numel() for p in blocks[0].parameters()) if blocks else largest_layer
-    hidden = int(config.hidden_size)
-    intermediate = next(
-        (
-            int(value)
-            for key in ("n_inner", "intermediate_size", "ffn_dim")
-            if (value := getattr(config, key, None)) is not None
-        ),
-        4 * hidden,
-    )
-    return ModelFacts(
-        name=name,
-        model_type=model_type,
-        params=sum(sizes),
-        largest_layer_params=largest_layer,
-        largest_param=max(sizes),
-        block_params=block,
-        param_sizes=sizes,
-        layers=int(config.num_hidden_layers),
-        hidden=hidden,
-        heads=int(config.num_attention_heads),
-        vocab=int(config.vocab_size),
-        intermediate=intermediate,
-        max_positions=int(config.max_position_embeddings),
-        attention=str(model.config._attn_implementation),
-        activation=str(
-            getattr(config, "activation_function", None) or getattr(config, "hidden_act", "")
-        ),
-    )
+        config = AutoConfig.for_model(data.pop("model_type"), **data)
+        with torch.device("meta"):  # the config builds it, and no weights are allocated
+            model = AutoModelForCausalLM.from_config(config, **chosen)
+    except (AttributeError, ValueError, TypeError, KeyError, ImportError) as exc:
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{spec}: not a causal LM config transformers can build ({why})") from None
+    block = max((m for m in model.modules() if isinstance(m, ModuleList)), key=len)[0]
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, (Linear, Conv1D)))
+    head = model.get_output_embeddings().weight.numel()
+    params, block_params = (sum(p.numel() for p in m.parameters()) for m in (model, block))
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    gated = any(path.endswith("gate_proj") for path, _ in block.named_modules())
+    sizes = (params, linear - head, head, largest, block_params, gated)
+    return Model(name, model.config, dtype, *sizes, *lora_sizes(model, targets))  # lora: last
 
 
-def _zero_count(zero: dict[str, Any], key: str, default: int, auto: int | None, source: str) -> int:
-    value = zero.get(key, default)
-    if value == "auto":
-        if auto is None:
-            raise PlanError(
-                f'{source}: zero_optimization.{key} "auto" is not filled in by the Trainer; give a number'
-            )
-        return auto
-    # JSON has no integers like 2e8: DeepSpeed accepts the float and so do we.
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise PlanError(
-            f'{source}: zero_optimization.{key} must be a number or "auto", not {value!r}'
-        )
-    return int(value)
-
-
-def _offload_device(block: Any, legacy: Any, source: str, key: str) -> str:
-    # The 2021 configs said "cpu_offload": true; DeepSpeed still reads it as offload_optimizer.
-    if block is None:
-        return "cpu" if legacy is True else "none"
-    device = block.get("device", "none") if isinstance(block, dict) else None
-    if device not in ("none", "cpu", "nvme"):
-        raise PlanError(
-            f'{source}: zero_optimization.{key} needs "device": "cpu", "nvme" or "none"'
-        )
-    return device
-
-
-def zero_settings(config: Any, source: str, hidden: int) -> ZeroSettings:
-    """Read a parsed DeepSpeed config, resolving "auto" as transformers' Trainer integration does."""
-    if not isinstance(config, dict):
-        raise PlanError(f"{source}: a DeepSpeed config must be a JSON object")
-    zero = config.get("zero_optimization", {})
-    if not isinstance(zero, dict):
-        raise PlanError(f"{source}: zero_optimization must be an object")
-    stage = zero.get("stage", 0)
+def zero_settings(config: Any, source: str, hidden: int) -> Zero:
+    """A DeepSpeed config's ZeRO settings as DeepSpeed itself reads them (its defaults, its 2021
+    names), after resolving the "auto" sizes as transformers' Trainer does."""
+    zero = config.get("zero_optimization") if isinstance(config, dict) else None
+    stage = zero.get("stage") if isinstance(zero, dict) else None
     if stage not in (2, 3):
-        raise PlanError(
-            f"{source}: ZeRO stage {stage!r}: the planner covers stages 2 and 3, those DeepSpeed estimates"
-        )
-    offload_optimizer = _offload_device(
-        zero.get("offload_optimizer"), zero.get("cpu_offload"), source, "offload_optimizer"
-    )
-    offload_param = "none"
-    if stage == 3:
-        offload_param = _offload_device(
-            zero.get("offload_param"), zero.get("cpu_offload_params"), source, "offload_param"
-        )
-    gather = zero.get(
-        "stage3_gather_16bit_weights_on_model_save",
-        zero.get("stage3_gather_fp16_weights_on_model_save", False),
-    )
-    return ZeroSettings(
-        source=source,
-        stage=stage,
-        offload_optimizer=offload_optimizer,
-        offload_param=offload_param,
-        # The "auto" values are those HfTrainerDeepSpeedConfig fills in from the hidden size.
-        reduce_bucket_size=_zero_count(
-            zero, "reduce_bucket_size", 500_000_000, hidden * hidden, source
-        ),
-        allgather_bucket_size=_zero_count(zero, "allgather_bucket_size", 500_000_000, None, source),
-        # DeepSpeed turns overlap_comm on by default for stage 3 only.
-        overlap_comm=bool(zero.get("overlap_comm", stage == 3)),
-        contiguous_gradients=bool(zero.get("contiguous_gradients", True)),
-        prefetch_bucket_size=_zero_count(
-            zero, "stage3_prefetch_bucket_size", 50_000_000, int(0.9 * hidden * hidden), source
-        ),
-        persistence_threshold=_zero_count(
-            zero, "stage3_param_persistence_threshold", 100_000, 10 * hidden, source
-        ),
-        max_live_parameters=_zero_count(
-            zero, "stage3_max_live_parameters", 1_000_000_000, None, source
-        ),
-        gather_16bit_on_save=gather is True,
-    )
-
-
-def load_zero_settings(path: Path, hidden: int) -> ZeroSettings:
-    return zero_settings(read_json(path), shown(path), hidden)
-
-
-def deepspeed_estimators() -> tuple[Any, Any]:
-    """DeepSpeed's own model-state estimators (ZeRO-2, ZeRO-3)."""
-    import torch
-
-    # The estimators are arithmetic; on a machine without a GPU DeepSpeed would otherwise warn
-    # while guessing an accelerator the planner never uses.
-    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
-        os.environ["DS_ACCELERATOR"] = "cpu"
-    # DeepSpeed's logger writes to the stdout it finds at import; point it at stderr so the
-    # plan on stdout stays clean for pipes.
+        raise UserError(f"{source}: ZeRO stage {stage!r}: the planner covers stages 2 and 3")
+    auto = {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": 0.9 * hidden**2}
+    settings = {k: int(auto[k]) if v == "auto" and k in auto else v for k, v in zero.items()}
+    # DeepSpeed's logger writes to the stdout it finds at import: keep the plan alone there.
     with contextlib.redirect_stdout(sys.stderr):
-        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-    return estimate_zero2_model_states_mem_needs, estimate_zero3_model_states_mem_needs
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+        try:
+            return DeepSpeedZeroConfig(**settings)
+        except ValueError as exc:  # pydantic's ValidationError: the setting, and why
+            why = " ".join(str(exc).splitlines()[1:3])
+            raise UserError(f"{source}: zero_optimization: {why}") from None
 
 
-def model_states(model: ModelFacts, zero: ZeroSettings, run: Run) -> tuple[int, int]:
-    """(host RAM per node, memory per GPU) for weights, gradients and optimizer states, from DeepSpeed."""
-    zero2, zero3 = deepspeed_estimators()
-    # nvme offload still stages through host memory; the estimators only know "offloaded or not".
-    offload = zero.offload_optimizer != "none"
-    if zero.stage == 2:
-        cpu, gpu = zero2(
-            total_params=model.params,
-            num_gpus_per_node=run.gpus_per_node,
-            num_nodes=run.nodes,
-            cpu_offload=offload,
-        )
-        return cpu, gpu
-    # The Trainer loads a model under ZeRO-3 with deepspeed.zero.Init, hence zero_init.
-    cpu, gpu, _largest_layer_memory = zero3(
-        total_params=model.params,
-        largest_layer_params=model.largest_layer_params,
-        num_gpus_per_node=run.gpus_per_node,
-        num_nodes=run.nodes,
-        cpu_offload=offload,
-        cpu_offload_params=zero.offload_param != "none",
-        zero_init=True,
-    )
-    return cpu, gpu
+def offloads(zero: Zero) -> tuple[str, str]:
+    """Where ZeRO keeps the optimizer states and the parameters: "none", "cpu" or "nvme"."""
+    devices = [o.device if o else "none" for o in (zero.offload_optimizer, zero.offload_param)]
+    return devices[0], devices[1] if zero.stage == 3 else "none"  # ZeRO-2 has no parameter offload
 
 
-def activation_items(model: ModelFacts, run: Run) -> list[Item]:
-    """GPU memory for activations of one micro-batch, 16-bit.
+def deepspeed_items(model: Model, run: Run) -> tuple[Items, Items]:
+    """(per GPU, per node): DeepSpeed's model states, its buffers as its code sizes them, saving."""
+    import deepspeed.runtime.zero.stage3 as zero3
+    import deepspeed.runtime.zero.stage_1_and_2 as zero2
 
-    With checkpointing each transformer block keeps only its input hidden states (2 bytes per
-    value); in backward one block at a time is recomputed and holds its full activations.
-    Without it, every block keeps its full activations from forward to backward. A block's full
-    activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
-    Transformer Models", section 4.1), 34*h bytes per token for a 4*h MLP plus 5*heads*seq for
-    the attention scores; written for any MLP width i it is 18*h + 4*i. Attention kernels
-    that never store the scores (sdpa, flash) drop the last term; eager attention in fp32 (GPT-Neo,
-    GPT-J) keeps fp32 q, k (+4*h) and fp32 scores (9 instead of 5 bytes). GPT-2's, GPT-Neo's and
-    GPT-J's `gelu_new` is written in transformers as Python tensor operations, so autograd keeps
-    three more tensors of the MLP's width (+6*i; measured on a bf16 GPT-2 block with
-    saved_tensors_hooks: 54*h bytes per token against 30*h for the fused GELU, no dropout). The logits and the
-    loss's fp32 copies (LOGIT_BYTES per value) are usually the biggest single item at batch 8.
-    """
-    tokens = run.micro_batch * run.block_size
-    h = model.hidden
-    per_token = 18 * h + 4 * model.intermediate
-    if model.activation in PYTHON_GELUS:
-        per_token += 6 * model.intermediate
-    if model.attention == "eager":
-        fp32_scores = model.model_type in FP32_ATTENTION
-        per_token += (4 * h if fp32_scores else 0) + model.heads * run.block_size * (
-            9 if fp32_scores else 5
-        )
+    zero, stage, n = run.zero, run.zero.stage, run.trained(model)
+    layout = {"num_gpus_per_node": run.gpus_per_node, "num_nodes": run.nodes}
+    # nvme offload still stages through host memory; the estimators know "offloaded or not".
+    offload, params = (device != "none" for device in offloads(zero))
+    if stage == 2:
+        cpu, gpu = zero2.estimate_zero2_model_states_mem_needs(n, **layout, cpu_offload=offload)
+    else:  # the Trainer loads a model under ZeRO-3 with deepspeed.zero.Init, hence zero_init
+        layout.update(cpu_offload=offload, cpu_offload_params=params, zero_init=True)
+        cpu, gpu, _ = zero3.estimate_zero3_model_states_mem_needs(n, model.largest, **layout)
+    label = f"model states (DeepSpeed estimate_zero{stage}_model_states_mem_needs)"
+    gpu_items, ram_items = {label: gpu}, {label: cpu}
+    if run.peft:  # the estimators count the adapter; the frozen base is 16-bit, ZeRO-3 splits it
+        frozen = 2 * model.params // (run.total_gpus if stage == 3 else 1)
+        where, share = (ram_items, run.gpus_per_node) if params else (gpu_items, 1)
+        where["frozen 16-bit weights"] = frozen * share
+    # 16-bit buffers; overlap_comm double-buffers the gradients.
+    copies, bucket = 1 + zero.overlap_comm, zero.reduce_bucket_size
+    buffers = {f"gradient buckets ({copies} x reduce_bucket_size {count(bucket)})": copies * bucket}
+    if stage == 2:  # offloaded gradients pass through a buffer the size of the largest parameter
+        bucket = zero.allgather_bucket_size
+        buffers[f"all-gather bucket (allgather_bucket_size {count(bucket)})"] = bucket
+        buffers[f"offload staging buffer ({count(model.largest)})"] = model.largest * offload
+    else:  # weights in use are gathered: those prefetched, and the block being computed
+        bucket = zero.prefetch_bucket_size
+        buffers[f"parameter prefetch (stage3_prefetch_bucket_size {count(bucket)})"] = bucket
+        buffers["one block's parameters gathered"] = model.block_params
+    gpu_items.update({what: 2 * size for what, size in buffers.items() if size})
+    # Saving gathers the 16-bit weights to write model.safetensors.
+    whole = stage == 2 or zero.gather_16bit_weights_on_model_save
+    saved = 2 * model.params // (1 if whole else run.total_gpus)
+    ram_items["16-bit weights gathered while saving"] = saved
+    return gpu_items, ram_items
+
+
+def plain_items(model: Model, run: Run) -> tuple[Items, Items]:
+    """(per GPU, per node) without DeepSpeed. The Trainer trains the weights in their load dtype,
+    with no fp32 master copy (--fp16/--bf16 only autocast); peft keeps the adapter in fp32."""
+    w, n = DTYPES[model.dtype], run.trained(model)
+    if run.four_bit:  # peft's prepare_model_for_kbit_training upcasts what stayed 16-bit to fp32
+        gpu = {"4-bit NF4 weights": int(NF4_BYTES * model.quantizable)}
+        gpu["unquantized weights, upcast to fp32"] = 4 * (model.params - model.quantizable)
+    else:
+        gpu = {f"{'frozen ' * run.peft}weights ({model.dtype})": w * model.params}
+    tw = 4 if run.peft else w  # bytes of a trained weight, and of its gradient
+    if run.peft:
+        gpu["LoRA adapter weights (fp32)"] = 4 * n
+    gpu["gradients"] = tw * n
+    # Each process reads the model into host RAM before the Trainer moves it to its GPU.
+    ram = {"weights read while loading": w * model.params * run.gpus_per_node}
+    optim = published()["optimizers"][run.optim or "adamw_torch"]
+    # Paged optimizers' states live outside PyTorch's allocator, in host RAM when the GPU is full.
+    states = optim["states"] * optim.get("bytes", tw) * n
+    (ram if optim.get("paged") else gpu)[f"optimizer states ({run.optim or 'AdamW'})"] = states
+    # Autocast caches a 16-bit copy of each fp32 weight trained (the adapter, or a float32 model)
+    # for the forward pass; a frozen fp32 lm_head (GPT-2's, QLoRA's upcast one) is cast too.
+    copied = n * (run.peft or w == 4) + model.head * (run.peft and (w == 4 or run.four_bit))
+    if copied and run.precision != "fp32":
+        gpu["16-bit copies autocast makes of fp32 weights"] = 2 * copied
+    return gpu, ram
+
+
+def block_bytes(model: Model, run: Run, act: int) -> int:
+    """Bytes autograd keeps per token for one block's backward, with `act`-byte activations."""
+    c, k = model.config, BLOCKS["gated" if model.gated else "gpt"]
+    h, heads, eager = c.hidden_size, c.num_attention_heads, c._attn_implementation == "eager"
+    widths = (getattr(c, key, None) for key in ("n_inner", "intermediate_size", "ffn_dim"))
+    i = next((int(width) for width in widths if width), 4 * h)
+    # Eager attention repeats grouped k and v heads to the full width; sdpa keeps them as they are.
+    groups = getattr(c, "num_key_value_heads", None) or heads
+    kv = h if eager else groups * (getattr(c, "head_dim", None) or h // heads)
+    fp32 = eager and c.model_type in ("gpt_neo", "gptj")  # +4*h, and 4 more bytes a score
+    gelu_new = getattr(c, "activation_function", None) == "gelu_new"  # Python: 3 more MLP tensors
+    kept = k["h"] * h + k["i"] * i + 4 * kv + 4 * h * fp32 + 6 * i * gelu_new
+    kept += eager * (k["score"] + 4 * fp32) * heads * run.block_size
+    kept -= run.peft * (k["frozen"] * h + 2 * i)
+    # peft casts each adapted layer's input to fp32 and lora_A keeps it (16-bit under autocast),
+    # with CUDA dropout's 1-byte mask.
+    lora = 2 * (1 + (run.precision == "fp32")) + (run.lora_dropout > 0)
+    return kept * act // 2 + run.peft * model.lora_inputs * lora
+
+
+def activation_items(model: Model, run: Run) -> Items:
+    """One micro-batch's activations: with checkpointing, the blocks' inputs and one block's."""
+    c, tokens = model.config, run.micro_batch * run.block_size
+    layers = c.num_hidden_layers
+    # 16-bit under autocast or DeepSpeed, or in a 16-bit model; fp32 otherwise.
+    act = 2 if run.precision != "fp32" or run.zero or DTYPES[model.dtype] == 2 else 4
+    per_token = block_bytes(model, run, act)
     if run.checkpointing:
-        blocks = [
-            Item(
-                f"checkpointed hidden states ({model.layers + 1} x {tokens} tokens x {h})",
-                (model.layers + 1) * tokens * h * 2,
-            ),
-            Item(
-                f"one block recomputed in backward ({model.attention} attention)",
-                tokens * per_token,
-            ),
-        ]
+        # QLoRA: peft's fp32 embeddings make the residual stream between blocks fp32.
+        states = (layers + 1) * tokens * c.hidden_size * (4 if run.four_bit else act)
+        items = {"checkpointed hidden states": states}
+        items["one block recomputed in backward"] = tokens * per_token
     else:
-        blocks = [
-            Item(
-                f"all {model.layers} blocks' activations, not checkpointed ({model.attention} attention)",
-                model.layers * tokens * per_token,
-            )
-        ]
-    return [
-        *blocks,
-        Item(
-            f"logits and loss ({tokens} tokens x {model.vocab} vocab x {LOGIT_BYTES} bytes)",
-            tokens * model.vocab * LOGIT_BYTES,
-        ),
-    ]
-
-
-def buffer_items(model: ModelFacts, zero: ZeroSettings) -> list[Item]:
-    """DeepSpeed's GPU buffers besides model states, all in 16 bits (sizes from its stage 2/3 code)."""
-    items = []
-    if zero.contiguous_gradients:
-        # Gradients are copied into a bucket of reduce_bucket_size; overlap_comm double-buffers it.
-        buffers = 2 if zero.overlap_comm else 1
-        items.append(
-            Item(
-                f"gradient buckets ({buffers} x reduce_bucket_size {count(zero.reduce_bucket_size)})",
-                buffers * zero.reduce_bucket_size * 2,
-            )
-        )
-    if zero.stage == 2:
-        items.append(
-            Item(
-                f"all-gather bucket (allgather_bucket_size {count(zero.allgather_bucket_size)})",
-                zero.allgather_bucket_size * 2,
-            )
-        )
-        if zero.offload_optimizer != "none":
-            # Offloaded gradients pass through a staging buffer the size of the largest parameter.
-            items.append(
-                Item(
-                    f"offload staging buffer (largest parameter, {count(model.largest_param)})",
-                    model.largest_param * 2,
-                )
-            )
-    else:
-        items.append(
-            Item(
-                f"parameter prefetch (stage3_prefetch_bucket_size {count(zero.prefetch_bucket_size)})",
-                zero.prefetch_bucket_size * 2,
-            )
-        )
-        # Gathered 16-bit weights in use: a block at a time (the estimator counts only the largest
-        # module), never more than stage3_max_live_parameters.
-        live = min(model.block_params, zero.max_live_parameters)
-        items.append(Item(f"one block's parameters gathered ({count(live)})", live * 2))
-        persistent = sum(size for size in model.param_sizes if size <= zero.persistence_threshold)
-        items.append(
-            Item(
-                f"small parameters kept whole (<= {count(zero.persistence_threshold)} each)",
-                persistent * 2,
-            )
-        )
+        items = {f"all {layers} blocks' activations, not checkpointed": layers * tokens * per_token}
+    # The logits in 16 bits, the fp32 copy transformers' loss makes, and its fp32 log-softmax.
+    logit = act + 4 * (act == 2) + 4
+    items[f"logits and loss ({logit} bytes a logit)"] = tokens * c.vocab_size * logit
     return items
 
 
-def save_peak(model: ModelFacts, zero: ZeroSettings, run: Run) -> Item:
-    """Extra host RAM while the Trainer saves a model or checkpoint.
-
-    Under ZeRO-2, and ZeRO-3 with stage3_gather_16bit_weights_on_model_save, rank 0 pulls the
-    whole 16-bit state dict into host memory to write model.safetensors (and again, one after the
-    other, for the checkpoint's module states). The fp32 optimizer states written with a
-    checkpoint are already in host memory when offloaded and are written without a copy.
-    Without the gather, ZeRO-3 writes only each GPU's own partition. Loading comes earlier, before
-    the optimizer states exist, so it is not the peak. Pinned staging buffers and the 16-bit
-    copies ZeRO-2 keeps for gradient accumulation on the host are left to the 1.5 buffer factor
-    in DeepSpeed's own estimate rather than counted twice.
-    """
-    if zero.stage == 2 or zero.gather_16bit_on_save:
-        return Item("16-bit weights gathered while saving", model.params * 2)
-    return Item("16-bit partitions copied while saving", model.params * 2 // run.total_gpus)
+def plan(model: Model, run: Run, machine: Machine) -> Plan:
+    """Everything one run needs per GPU and per node, item by item, against the machine."""
+    positions = model.config.max_position_embeddings
+    if run.block_size > positions:
+        why = f"is longer than {model.name}'s {positions} positions; lower --block_size"
+        raise UserError(f"block size {run.block_size} {why}")
+    gpu, ram = deepspeed_items(model, run) if run.zero else plain_items(model, run)
+    gpu.update(activation_items(model, run))
+    gpu["CUDA context, workspaces, allocator slack"] = CUDA_CONTEXT
+    ram["Python, torch, CUDA libraries, data"] = RUNTIME_RAM * run.gpus_per_node
+    gpu_total, ram_total = sum(gpu.values()), sum(ram.values())
+    fits = machine[0] is not None and gpu_total <= machine[0] and ram_total <= machine[1]
+    return Plan(model, run, gpu, ram, gpu_total, ram_total, fits)
 
 
-def plan(model: ModelFacts, zero: ZeroSettings, run: Run, machine: Machine) -> Plan:
-    """Everything one run needs per GPU and per node, item by item."""
-    if run.block_size > model.max_positions:
-        raise PlanError(
-            f"block size {run.block_size} is longer than {model.name}'s {model.max_positions} positions"
-        )
-    states_cpu, states_gpu = model_states(model, zero, run)
-    estimator = "estimate_zero2" if zero.stage == 2 else "estimate_zero3"
-    gpu_items = [
-        Item(f"model states (DeepSpeed {estimator}_model_states_mem_needs)", states_gpu),
-        *buffer_items(model, zero),
-        *activation_items(model, run),
-        Item("CUDA context, workspaces, allocator slack", CUDA_CONTEXT),
-    ]
-    ram_items = [
-        Item(f"model states (DeepSpeed {estimator}_model_states_mem_needs)", states_cpu),
-        save_peak(model, zero, run),
-        Item(
-            f"Python, torch, CUDA libraries, data ({gib(RUNTIME_RAM)} GiB per GPU process)",
-            RUNTIME_RAM * run.gpus_per_node,
-        ),
-    ]
-    return Plan(
-        model, zero, run, machine, states_cpu, states_gpu, tuple(gpu_items), tuple(ram_items)
-    )
+def deepspeed_options(model: Model, run: Run) -> list[tuple[str, Run]]:
+    """The shipped DeepSpeed configs that cut the run's memory, in the guide's order."""
+    # DeepSpeed trains in 16 bits, with the Adam its shipped configs name.
+    sixteen = {"precision": "fp16" if run.precision == "fp32" else run.precision, "optim": None}
+
+    def shipped(name: str) -> Run:  # the config named as typed from the current directory
+        path = os.path.relpath(HERE / name)
+        zero = zero_settings(read_json(HERE / name), path, model.config.hidden_size)
+        return replace(run, deepspeed=path, zero=zero, **sixteen)
+
+    base = run if run.zero else shipped("ds_config.json")
+    options = [] if run.zero else [("DeepSpeed ZeRO-2 with the optimizer offloaded to CPU", base)]
+    # The guide's fix for tight GPUs, 5e7 buckets, is all ds_config_gptneo.json changes.
+    small = shipped("ds_config_gptneo.json")
+    buckets = {k: getattr(small.zero, k) for k in ("reduce_bucket_size", "allgather_bucket_size")}
+    if base.zero != small.zero and base.zero.model_copy(update=buckets) == small.zero:
+        options.append((join(*(what for what, _ in options), "5e7 buckets"), small))
+    if base.zero.stage != 3:
+        zero3 = shipped("ds_config_zero3.json")
+        options.append(("ZeRO-3 with parameters and optimizer offloaded to CPU", zero3))
+    return options
 
 
-def smaller_micro_batches(run: Run) -> list[Run]:
-    """Smaller micro-batches, biggest first, with the accumulation that keeps the effective batch."""
-    return [
-        dataclasses.replace(
-            run, micro_batch=size, grad_accum=run.grad_accum * run.micro_batch // size
-        )
-        for size in range(run.micro_batch - 1, 0, -1)
-        if run.micro_batch % size == 0
-    ]
+def spread(run: Run, gpus: int, nodes: int) -> Run:
+    """The run on more GPUs, each taking its share of the effective batch, rounded up."""
+    per_gpu = math.ceil(run.effective_batch / (gpus * nodes))
+    micro = max(m for m in range(1, min(run.micro_batch, per_gpu) + 1) if per_gpu % m == 0)
+    layout = {"gpus_per_node": gpus, "nodes": nodes}
+    return replace(run, **layout, micro_batch=micro, grad_accum=per_gpu // micro)
 
 
-def with_gpus(run: Run, gpus_per_node: int, nodes: int) -> Run:
-    """The run on more GPUs, accumulating less (or smaller micro-batches) to keep the effective batch.
-
-    When the effective batch does not split evenly over the GPUs, it grows to the next size
-    that does with one sequence per GPU at least; the plan prints the new size.
-    """
-    total = gpus_per_node * nodes
-    per_gpu = max(1, run.effective_batch // total)
-    if per_gpu * total != run.effective_batch:
-        per_gpu = math.ceil(run.effective_batch / total)
-    micro = max(size for size in range(1, min(run.micro_batch, per_gpu) + 1) if per_gpu % size == 0)
-    return dataclasses.replace(
-        run,
-        gpus_per_node=gpus_per_node,
-        nodes=nodes,
-        micro_batch=micro,
-        grad_accum=per_gpu // micro,
-    )
-
-
-def small_bucket_settings(model: ModelFacts, zero: ZeroSettings) -> ZeroSettings | None:
-    """The current ZeRO-2 config with 5e7 buckets, named after a config file that has exactly that."""
-    if zero.stage != 2 or max(zero.reduce_bucket_size, zero.allgather_bucket_size) <= SMALL_BUCKET:
-        return None
-    smaller = dataclasses.replace(
-        zero,
-        reduce_bucket_size=min(zero.reduce_bucket_size, SMALL_BUCKET),
-        allgather_bucket_size=min(zero.allgather_bucket_size, SMALL_BUCKET),
-    )
-    if SMALL_BUCKETS_CONFIG.is_file():
-        with contextlib.suppress(PlanError):
-            ready = load_zero_settings(SMALL_BUCKETS_CONFIG, model.hidden)
-            if dataclasses.replace(ready, source=zero.source) == smaller:
-                return ready
-    return dataclasses.replace(
-        smaller, edit='with "allgather_bucket_size": 5e7 and "reduce_bucket_size": 5e7'
-    )
-
-
-def smaller_micro_batch(
-    model: ModelFacts, zero: ZeroSettings, run: Run, machine: Machine
-) -> Change | None:
-    """The biggest smaller micro-batch that fits, with the accumulation that keeps the batch."""
-    for candidate in smaller_micro_batches(run):
-        found = plan(model, zero, candidate, machine)
-        if found.fits:
-            return Change(
-                f"smaller micro-batch: {candidate.micro_batch} x {candidate.grad_accum} accumulation steps",
-                found,
-            )
-    return None
-
-
-def cheapest_change(
-    model: ModelFacts, zero: ZeroSettings, run: Run, machine: Machine
-) -> Change | None:
-    """The first change that fits, tried from cheapest to dearest.
-
-    In the order the issue and the guide give: a smaller micro-batch with more accumulation (same
-    effective batch, only slower), smaller DeepSpeed buckets, the ZeRO-3 config (parameters
-    offloaded too: much slower), then more GPUs, on this node and then on more nodes. A run
-    planned without activation checkpointing first tries smaller micro-batches without it, then
-    turns it back on and goes down the same list.
-    """
-    if not run.checkpointing:
-        # Keep the user's choice of speed over memory while a smaller micro-batch allows it.
-        change = smaller_micro_batch(model, zero, run, machine)
-        if change is not None:
-            return change
-        checkpointed = dataclasses.replace(run, checkpointing=True)
-        found = plan(model, zero, checkpointed, machine)
+def setups(model: Model, run: Run) -> Iterator[tuple[str, Run]]:
+    """Changes to the run as (what, run), cheapest first, as the guide and the issues order them:
+    QLoRA for a LoRA run, DeepSpeed's ZeRO-2 offload, 5e7 buckets, ZeRO-3, then more GPUs."""
+    yield "", run
+    if not run.checkpointing:  # kept off while a smaller micro-batch fits: first_fit tries those
         back_on = "activation checkpointing back on (drop --gradient_checkpointing False)"
-        if found.fits:
-            return Change(back_on, found)
-        change = cheapest_change(model, zero, checkpointed, machine)
-        return None if change is None else Change(f"{back_on} + {change.what}", change.plan)
-    change = smaller_micro_batch(model, zero, run, machine)
-    if change is not None:
-        return change
-    micro = smaller_micro_batches(run)
-    configs = [(zero, "")]
-    small = small_bucket_settings(model, zero)
-    if small is not None:
-        configs.append((small, "5e7 buckets"))
-        for candidate in [run, *micro]:
-            found = plan(model, small, candidate, machine)
+        for what, changed in setups(model, replace(run, checkpointing=True)):
+            yield join(back_on, what), changed
+        return
+    if run.four_bit:  # QLoRA runs on one GPU without DeepSpeed
+        return
+    if run.peft and not run.zero:
+        yield "QLoRA: the base model in 4 bits (--load_in_4bit)", replace(run, four_bit=True)
+    options = deepspeed_options(model, run)
+    yield from options
+    # Without DeepSpeed each GPU holds everything: more of them help only with a config.
+    options = [("", run)] * bool(run.zero) + options
+    for gpus, nodes in LAYOUTS:
+        if gpus * nodes > run.total_gpus and gpus >= run.gpus_per_node and nodes >= run.nodes:
+            layout = f"more GPUs: {plural(nodes, 'node')} x {plural(gpus, 'GPU')}"
+            yield from ((join(layout, what), spread(r, gpus, nodes)) for what, r in options)
+
+
+def first_fit(model: Model, run: Run, machine: Machine) -> tuple[str, Plan] | None:
+    """The cheapest change ("" if none) that fits, and its plan. Each is tried with smaller
+    micro-batches and more accumulation too, so that a step still sees as many sequences."""
+    for what, base in setups(model, run):
+        for micro in (m for m in range(base.micro_batch, 0, -1) if base.micro_batch % m == 0):
+            accum = base.grad_accum * base.micro_batch // micro
+            found = plan(model, replace(base, micro_batch=micro, grad_accum=accum), machine)
             if found.fits:
-                return Change(_describe("5e7 buckets", run, candidate), found)
-    if ZERO3_CONFIG.is_file() and zero.stage != 3:
-        zero3 = load_zero_settings(ZERO3_CONFIG, model.hidden)
-        configs.append((zero3, "ZeRO-3 with parameters and optimizer offloaded to CPU"))
-        for candidate in [run, *micro]:
-            found = plan(model, zero3, candidate, machine)
-            if found.fits:
-                return Change(_describe(configs[-1][1], run, candidate), found)
-    layouts = sorted(
-        {
-            (g, n)
-            for g in {run.gpus_per_node, 2, 4, 8}
-            for n in {run.nodes, 2, 4, 8}
-            if g >= run.gpus_per_node and n >= run.nodes
-        }
-        - {(run.gpus_per_node, run.nodes)},
-        key=lambda layout: (layout[0] * layout[1], layout[1]),
-    )
-    for gpus_per_node, nodes in layouts:
-        spread = with_gpus(run, gpus_per_node, nodes)
-        for settings, why in configs:
-            for candidate in [spread, *smaller_micro_batches(spread)]:
-                found = plan(model, settings, candidate, machine)
-                if found.fits:
-                    layout = f"more GPUs: {plural(nodes, 'node')} x {plural(gpus_per_node, 'GPU')}"
-                    return Change(
-                        _describe(" + ".join(filter(None, [layout, why])), spread, candidate), found
-                    )
+                smaller = f"smaller micro-batch: {micro} x {accum} accumulation steps"
+                return join(what, smaller if micro < run.micro_batch else ""), found
     return None
 
 
-def _describe(what: str, before: Run, after: Run) -> str:
-    if after.micro_batch == before.micro_batch:
-        return what
-    return f"{what} + micro-batch {after.micro_batch} x {after.grad_accum} accumulation steps"
-
-
-def command(model_spec: str, zero: ZeroSettings, run: Run) -> str:
-    """The guide's launch command with this plan's flags."""
-    launcher = "deepspeed"
-    if run.nodes > 1:
-        launcher += f" --hostfile hostfile --num_nodes={run.nodes}"
-    launcher += f" --num_gpus={run.gpus_per_node}"
-    return (
-        f"{launcher} run_clm.py --deepspeed {zero.source} --model_name_or_path {model_spec} "
-        f"--per_device_train_batch_size {run.micro_batch} --gradient_accumulation_steps {run.grad_accum} "
-        f"--block_size {run.block_size} --{run.precision}"
-        + ("" if run.checkpointing else " --gradient_checkpointing False")
-    )
-
-
-def describe_zero(zero: ZeroSettings) -> str:
-    parts = [f"ZeRO stage {zero.stage}", f"optimizer offload {zero.offload_optimizer}"]
-    if zero.stage == 3:
-        parts.append(f"parameter offload {zero.offload_param}")
+def command(run: Run, args: argparse.Namespace, passed: list[str]) -> str:
+    """The training command for this run, with the user's other flags passed along."""
+    if run.zero:
+        hosts = f"--hostfile hostfile --num_nodes={run.nodes} " * (run.nodes > 1)
+        launcher = f"deepspeed {hosts}--num_gpus={run.gpus_per_node} run_clm.py"
+        launcher += f" --deepspeed {run.deepspeed}"
+    elif run.total_gpus > 1:
+        nodes = f"--nnodes={run.nodes} " * (run.nodes > 1)
+        launcher = f"torchrun {nodes}--nproc_per_node={run.gpus_per_node} run_clm.py"
     else:
-        parts.append(
-            f"buckets allgather {count(zero.allgather_bucket_size)} / reduce {count(zero.reduce_bucket_size)}"
-        )
-    return ", ".join(parts)
-
-
-def render(found: Plan) -> str:
-    """The plan as a table a user can read: where the memory goes, and the verdict per resource."""
-    model, run, machine = found.model, found.run, found.machine
-    lines = [
-        f"model    {model.name}: {model.params / 1e9:.2f}B parameters, {model.layers} layers, "
-        f"hidden {model.hidden}, {model.heads} heads, vocab {model.vocab}",
-        f"config   {found.zero.source}: {describe_zero(found.zero)}",
-        f"run      {plural(run.nodes, 'node')} x {plural(run.gpus_per_node, 'GPU')}, "
-        f"micro-batch {run.micro_batch} x {run.grad_accum} accumulation = {run.effective_batch} sequences "
-        f"of {run.block_size} tokens per step, {run.precision}, "
-        f"activation checkpointing {'on' if run.checkpointing else 'off'}",
-        "",
+        launcher = "python run_clm.py"
+    targets = args.lora_target_modules or []
+    flags = [  # only what differs from run_clm.py's defaults, as a user would type it
+        (True, f"--model_name_or_path {args.model}"),
+        (run.peft, "--use_peft"),
+        (run.peft and run.lora_r != 16, f"--lora_r {run.lora_r}"),
+        (run.peft and run.lora_dropout != 0.05, f"--lora_dropout {run.lora_dropout:g}"),
+        (run.peft and targets, shlex.join(["--lora_target_modules", *targets])),
+        (run.four_bit, "--load_in_4bit"),
+        (True, f"--per_device_train_batch_size {run.micro_batch}"),
+        (True, f"--gradient_accumulation_steps {run.grad_accum} --block_size {run.block_size}"),
+        (run.precision != "fp32", f"--{run.precision}"),
+        (args.dtype != "auto", f"--dtype {args.dtype}"),
+        (run.optim, f"--optim {run.optim}"),
+        (not run.checkpointing, "--gradient_checkpointing False"),
+        (passed, shlex.join(passed)),
     ]
-    width = max(len(item.label) for item in (*found.gpu_items, *found.ram_items)) + 2
-    for title, items, total, have, source, fits in (
-        (
-            "GPU memory, per GPU",
-            found.gpu_items,
-            found.gpu_total,
-            machine.gpu,
-            machine.gpu_source,
-            found.gpu_fits,
-        ),
-        (
-            "host RAM, per node",
-            found.ram_items,
-            found.ram_total,
-            machine.ram,
-            machine.ram_source,
-            found.ram_fits,
-        ),
+    return " ".join([launcher, *(flag for wanted, flag in flags if wanted)])
+
+
+def render(found: Plan, machine: Machine, passed: list[str]) -> str:
+    """The plan as a table a user can read: where the memory goes, and the verdict per resource."""
+    model, run, zero, c = found.model, found.run, found.run.zero, found.model.config
+    kind = "QLoRA" if run.four_bit else "LoRA" if run.peft else "full fine-tune"
+    kind += f" ({count(run.trained(model))} trainable, r={run.lora_r})" * run.peft
+    optimizer = run.optim or ("DeepSpeed Adam" if zero else "AdamW")
+    shape = f"{c.num_hidden_layers} layers, hidden {c.hidden_size}, vocab {c.vocab_size}"
+    lines = [
+        f"model    {model.name}: {model.params / 1e9:.2f}B parameters, {shape},"
+        f" weights in {model.dtype}, {c._attn_implementation} attention",
+        f"train    {kind}, {'DeepSpeed' if zero else 'no DeepSpeed'}, optimizer {optimizer}",
+    ]
+    if zero:
+        states, weights = offloads(zero)
+        where = f"offload optimizer {states}, params {weights}"
+        lines.append(f"config   {run.deepspeed}: ZeRO stage {zero.stage}, {where}")
+    batch = f"micro-batch {run.micro_batch} x {run.grad_accum} accumulation = {run.effective_batch}"
+    lines.append(
+        f"run      {plural(run.nodes, 'node')} x {plural(run.gpus_per_node, 'GPU')}, {batch}"
+        f" sequences of {run.block_size} tokens per step, {run.precision},"
+        f" activation checkpointing {'on' if run.checkpointing else 'off'}"
+    )
+    ignored = [arg.split("=")[0] for arg in passed if arg.startswith("--")]
+    if ignored:
+        lines.append(f"ignored  {' '.join(ignored)} (no effect on memory)")
+    width = max(map(len, [*found.gpu_items, *found.ram_items])) + 2
+    for title, items, total, have in (
+        ("GPU memory, per GPU", found.gpu_items, found.gpu_total, machine[0]),
+        ("host RAM, per node", found.ram_items, found.ram_total, machine[1]),
     ):
-        lines.append(f"{title:<{width}}{'GiB':>8}")
-        lines.extend(f"  {item.label:<{width - 2}}{gib(item.size):>8}" for item in items)
-        if have is None:
-            verdict = f"no GPU here ({source}): pass --gpu_memory"
-        else:
-            verdict = f"of {gib(have)} GiB ({source}): {'fits' if fits else 'does NOT fit'}"
-        lines.append(f"  {'total':<{width - 2}}{gib(total):>8}  {verdict}")
-        lines.append("")
-    return "\n".join(lines)
+        lines += ["", f"{title:<{width}}{'GiB':>8}"]
+        lines += [f"  {label:<{width - 2}}{size / GIB:>8.2f}" for label, size in items.items()]
+        verdict = "no GPU here: pass --gpu_memory"
+        if have:
+            verdict = f"of {have / GIB:.2f} GiB: {'fits' if total <= have else 'does NOT fit'}"
+        lines.append(f"  {'total':<{width - 2}}{total / GIB:>8.2f}  {verdict}")
+    return "\n".join(lines) + "\n"
 
 
-def this_machine(gpu_memory: int | None, ram: int | None) -> Machine:
-    """The machine to compare with: the flags, else this machine's first GPU and its RAM."""
-    gpu, gpu_source = gpu_memory, "--gpu_memory"
-    if gpu is None:
-        import torch
+def parser() -> argparse.ArgumentParser:
+    """run_clm.py's flags that change memory, and the planner's own; dests are Run's fields."""
+    p = argparse.ArgumentParser(prog=PROG, allow_abbrev=False, description=__doc__.split("\n\n")[1])
+    p.epilog = "Exit status: 0 fits, 1 does not fit, 2 bad input."
+    p.error = lambda message: fail(PROG, f"{message} (see python {PROG} --help)")
+    add = p.add_argument
+    on = {"type": true_or_false, "nargs": "?", "const": True, "metavar": "BOOL"}  # as HF has it
+    add("--model_name_or_path", "--model", dest="model", required=True, help="folder or name")
+    add("--deepspeed", help="DeepSpeed config JSON (default: none, a plain run_clm.py run)")
+    add("--fp16", **on, default=False, help="16-bit autocast, or DeepSpeed's fp16")
+    add("--bf16", **on, default=False, help="bf16 autocast, or DeepSpeed's bf16")
+    add("--gradient_checkpointing", **on, dest="checkpointing", default=True, help="False: faster")
+    add("--use_peft", **on, dest="peft", default=False, help="train a LoRA adapter")
+    add("--load_in_4bit", **on, dest="four_bit", default=False, help="QLoRA: the base in 4 bits")
+    whole = number(int, 1)
+    add("--per_device_train_batch_size", dest="micro_batch", type=whole, default=8)
+    add("--gradient_accumulation_steps", dest="grad_accum", type=whole, default=1)
+    add("--block_size", type=whole, help="default: the model's positions, at most 1024")
+    add("--lora_r", type=whole, default=16)
+    add("--lora_dropout", type=number(float, 0, 1), default=0.05)
+    add("--lora_target_modules", nargs="+", help="default: every linear layer of each block")
+    add("--optim", choices=published()["optimizers"], help="default: the Trainer's AdamW")
+    add("--dtype", "--torch_dtype", choices=("auto", *DTYPES), default="auto", help="load dtype")
+    add("--gpu_memory", type=parse_size, help="one GPU's, e.g. 16GB (default: this machine's)")
+    add("--ram", type=parse_size, help="one node's, e.g. 64GB (default: this machine's)")
+    add("--num_gpus", dest="gpus_per_node", type=whole, default=1, help="per node")
+    add("--num_nodes", dest="nodes", type=whole, default=1)
+    add("--attn_implementation", choices=("auto", "eager", "sdpa"), default="auto")
+    return p
 
-        if torch.cuda.is_available():
-            properties = torch.cuda.get_device_properties(0)
-            gpu, gpu_source = properties.total_memory, f"this machine's {properties.name}"
-        else:
-            gpu_source = "this machine has none"
-    ram_source = "--ram"
-    if ram is None:
-        import psutil
 
-        ram, ram_source = psutil.virtual_memory().total, "this machine"
-    return Machine(gpu=gpu, ram=ram, gpu_source=gpu_source, ram_source=ram_source)
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Our flags, from them or a pasted `deepspeed|torchrun|python ... run_clm.py ...` command,
+    and the others as given; what run_clm.py would refuse is refused at once."""
+    if argv and not argv[0].startswith("-"):  # a pasted command: its launcher counts the GPUs
+        at = next((n for n, arg in enumerate(argv) if arg.endswith("run_clm.py")), None)
+        if at is None:
+            raise UserError(
+                f"{argv[0]!r}: give the planner's flags, or a training command that runs run_clm.py"
+            )
+        launcher = " ".join(argv[:at])
+        counts = re.findall(r"--(num_gpus|nproc_per_node|num_nodes|nnodes)[= ](\S+)", launcher)
+        ours = {"nproc_per_node": "num_gpus", "nnodes": "num_nodes"}  # torchrun's names
+        argv = [w for name, n in counts for w in (f"--{ours.get(name, name)}", n)] + argv[at + 1 :]
+    args, passed = parser().parse_known_args(argv)
+    args.precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
+    ds, fp32 = args.deepspeed, "trains in fp32, which DeepSpeed's estimators do not cover"
+    refused = {  # what run_clm.py refuses
+        "--fp16 and --bf16 both given; pick one (bf16 on A100 and newer)": args.fp16 and args.bf16,
+        "--load_in_4bit trains a LoRA adapter: add --use_peft": args.four_bit and not args.peft,
+        "QLoRA runs on one GPU without DeepSpeed: drop --deepspeed": ds and args.four_bit,
+        "--deepspeed's config names the optimizer: drop --optim": ds and args.optim,
+        f"--deepspeed without --fp16 or --bf16 {fp32}; add one": ds and args.precision == "fp32",
+    }
+    if wrong := next((message for message, bad in refused.items() if bad), None):
+        raise UserError(wrong)
+    return args, passed
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Plan the GPU memory and host RAM a DeepSpeed fine-tuning run needs, from the "
-        "model's config alone, and say whether it fits.",
-        epilog="Sizes like 16GB mean GiB (2**30 bytes), as on GPU spec sheets. "
-        "Exit status: 0 fits, 1 does not fit, 2 bad input.",
-    )
-    parser.add_argument(
-        "--model",
-        required=True,
-        help="model directory or config.json, or a published name: " + ", ".join(PUBLISHED_CONFIGS),
-    )
-    parser.add_argument(
-        "--deepspeed", default="ds_config.json", help="DeepSpeed config JSON (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--per_device_train_batch_size",
-        type=positive_int,
-        default=8,
-        help="micro-batch per GPU (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--gradient_accumulation_steps",
-        type=positive_int,
-        default=1,
-        help="micro-batches per optimizer step; kept in the suggestions' effective batch (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--block_size",
-        type=positive_int,
-        default=None,
-        help="tokens per sequence (default: the model's positions, at most 1024, as run_clm.py does)",
-    )
-    parser.add_argument(
-        "--num_gpus", type=positive_int, default=1, help="GPUs per node (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--num_nodes", type=positive_int, default=1, help="nodes (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--gpu_memory",
-        type=parse_size,
-        default=None,
-        help="memory of one GPU, e.g. 16GB (default: this machine's GPU)",
-    )
-    parser.add_argument(
-        "--ram",
-        type=parse_size,
-        default=None,
-        help="host RAM per node, e.g. 78GB (default: this machine's)",
-    )
-    parser.add_argument(
-        "--attn_implementation",
-        choices=("auto", "eager", "sdpa"),
-        default="auto",
-        help="attention kernel to plan for; eager stores the attention scores as the 2021 runs did "
-        "(default: what transformers picks for the model)",
-    )
-    parser.add_argument(
-        "--gradient_checkpointing",
-        type=true_or_false,
-        default=True,
-        help="plan with activations recomputed in backward, as run_clm.py does by default; False "
-        "plans the faster run that keeps them (default: %(default)s)",
-    )
-    precision = parser.add_mutually_exclusive_group()
-    precision.add_argument(
-        "--fp16",
-        dest="precision",
-        action="store_const",
-        const="fp16",
-        help="16-bit float training, as in the guide (default)",
-    )
-    precision.add_argument(
-        "--bf16",
-        dest="precision",
-        action="store_const",
-        const="bf16",
-        help="bfloat16 training (same sizes as fp16)",
-    )
-    parser.set_defaults(precision="fp16")
-    return parser
+def advise(found: Plan, machine: Machine, args: argparse.Namespace, passed: list[str]) -> None:
+    """Print the cheapest change that fits and, for a full fine-tune, the LoRA and QLoRA runs."""
+    model, run = found.model, found.run
+    cheapest = first_fit(model, run, machine)
+    if cheapest is None:
+        print("verdict: does NOT fit, and no change the planner tries fits.")
+    ways = [("verdict: does NOT fit. Cheapest change that fits:", cheapest)]
+    if not run.peft:  # adapters train less than every weight: offered, not chosen
+        lora = replace(run, peft=True, deepspeed=None, zero=None)
+        lora_way = first_fit(model, lora, machine)
+        ways.append(("or a LoRA adapter instead of every weight (--use_peft):", lora_way))
+        if lora_way and not lora_way[1].run.four_bit:  # LoRA's answer may be QLoRA already
+            qlora = "or QLoRA, a LoRA adapter on the model in 4 bits (--use_peft --load_in_4bit):"
+            ways.append((qlora, first_fit(model, replace(lora, four_bit=True), machine)))
+    for title, (what, fit) in ((title, way) for title, way in ways if way):
+        print(f"{title} {what or 'as it is'}")
+        needs = f"{fit.gpu_total / GIB:.2f} GiB per GPU, {fit.ram_total / GIB:.2f} GiB RAM per node"
+        print(f"  needs {needs}; {fit.run.effective_batch} sequences per step")
+        print(f"  {command(fit.run, args, passed)}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        ds_path = Path(args.deepspeed)
-        # Read the DeepSpeed JSON before the model so a broken config is reported at once.
-        ds_config = read_json(ds_path)
-        model = model_facts(args.model, args.attn_implementation)
-        zero = zero_settings(ds_config, args.deepspeed, model.hidden)
-        run = Run(
-            micro_batch=args.per_device_train_batch_size,
-            grad_accum=args.gradient_accumulation_steps,
-            block_size=args.block_size or min(1024, model.max_positions),
-            gpus_per_node=args.num_gpus,
-            nodes=args.num_nodes,
-            precision=args.precision,
-            checkpointing=args.gradient_checkpointing,
-        )
-        machine = this_machine(args.gpu_memory, args.ram)
-        found = plan(model, zero, run, machine)
-        print(render(found))
-        if found.fits:
-            print(f"verdict: fits. {command(args.model, zero, run)}")
-            if run.checkpointing:
-                # Host RAM does not depend on checkpointing, so only the GPU is compared, and only
-                # with room to spare: the activations are an estimate, and this is an option.
-                faster = plan(model, zero, dataclasses.replace(run, checkpointing=False), machine)
-                if faster.gpu_total <= 0.9 * machine.gpu:
-                    print(
-                        f"faster: it also fits without activation checkpointing ({gib(faster.gpu_total)} GiB "
-                        "per GPU, 10% or more to spare), which skips the recomputed forward pass, a quarter of each step's "
-                        "compute: add --gradient_checkpointing False"
-                    )
-            return 0
-        if machine.gpu is None:
+    """Print the plan and the verdict: exit status 0 when it fits, 1 when not."""
+    args, passed = parse_args(sys.argv[1:] if argv is None else argv)
+    # Read the DeepSpeed JSON before the model so a broken config is reported at once.
+    raw = read_json(Path(args.deepspeed)) if args.deepspeed else None
+    targets = tuple(args.lora_target_modules or ())
+    model = model_facts(args.model, args.attn_implementation, targets, args.dtype)
+    args.zero = args.deepspeed and zero_settings(raw, args.deepspeed, model.config.hidden_size)
+    # As run_clm.py: the model's positions, at most 1024.
+    args.block_size = args.block_size or min(1024, model.config.max_position_embeddings)
+    run = Run(**{field.name: getattr(args, field.name) for field in fields(Run)})
+    import torch
+
+    gpu = torch.cuda.is_available() and torch.cuda.get_device_properties(0).total_memory
+    machine = (args.gpu_memory or gpu or None, args.ram or psutil.virtual_memory().total)
+    found = plan(model, run, machine)
+    print(render(found, machine, passed))
+    if found.fits:
+        print(f"verdict: fits. {command(run, args, passed)}")
+        # RAM does not depend on checkpointing; 10% spare, as the activations are an estimate.
+        faster = run.checkpointing and plan(model, replace(run, checkpointing=False), machine)
+        if faster and faster.gpu_total <= 0.9 * machine[0]:
             print(
-                "verdict: does not fit: there is no GPU here. Pass --gpu_memory (e.g. 16GB) to plan for one."
+                "faster: it also fits without activation checkpointing"
+                f" ({faster.gpu_total / GIB:.2f} GiB per GPU, 10% or more to spare), which skips"
+                " the recomputed forward pass, a quarter of each step's compute:"
+                " add --gradient_checkpointing False"
             )
-            return 1
-        change = cheapest_change(model, zero, run, machine)
-    except PlanError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    if change is None:
-        print(
-            "verdict: does not fit, and no change the planner tries fits (smaller micro-batch, 5e7 buckets, ZeRO-3, up to 8 nodes x 8 GPUs)."
-        )
-        return 1
-    print(f"verdict: does NOT fit. Cheapest change that fits: {change.what}")
-    if change.plan.zero.edit:
-        print(f"  edit {change.plan.zero.source} {change.plan.zero.edit}")
-    print(
-        f"  needs {gib(change.plan.gpu_total)} GiB per GPU, {gib(change.plan.ram_total)} GiB RAM per node; "
-        f"{change.plan.run.effective_batch} sequences per step"
-    )
-    print(f"  {command(args.model, change.plan.zero, change.plan.run)}")
-    return 1
+    elif machine[0] is None:
+        print("verdict: does not fit: there is no GPU here. Pass --gpu_memory (e.g. 16GB).")
+    else:
+        advise(found, machine, args, passed)
+    return 0 if found.fits else 1
 
 
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except BrokenPipeError:
-        # A reader like `head` closed the pipe early: the plan is not at fault, so no traceback.
+    except UserError as error:
+        fail(PROG, str(error))
+    except BrokenPipeError:  # a reader like `head` stopped early: the plan is not at fault
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
