@@ -23,6 +23,7 @@ SCRIPTS = [
     "run_generation.py",
     "run_generate_neo.py",
     "will_it_fit.py",
+    "memory_plan.py",
     "published_configs.json",
     "ds_config.json",
     "ds_config_gptneo.json",

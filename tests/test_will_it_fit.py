@@ -16,6 +16,7 @@ import torch
 from tiny import REPO, tiny_model
 
 sys.path.insert(0, str(REPO))
+import memory_plan as mem
 import will_it_fit as wif
 
 GIB = 2**30
@@ -29,7 +30,7 @@ def facts():
     return lambda name, targets=(): wif.model_facts(name, "auto", tuple(targets), "auto")
 
 
-def zero(name: str, model: wif.Model) -> wif.Zero:
+def zero(name: str, model: wif.Model) -> mem.Zero:
     config = json.loads((REPO / name).read_text(encoding="utf-8"))
     return wif.zero_settings(config, name, model.config.hidden_size)
 
@@ -220,7 +221,7 @@ def saved_activation_bytes(model, micro_batch: int, block_size: int) -> int:
 
 def planned_activations(model, tmp_path, run: wif.Run) -> int:
     facts = wif.model_facts(saved_config(tmp_path, model, "bfloat16"), "auto", (), "auto")
-    items = wif.activation_items(facts, run)
+    items = mem.activation_items(facts, run)
     return next(size for label, size in items.items() if "not checkpointed" in label)
 
 
@@ -339,7 +340,7 @@ def test_llama_8b_agrees_with_torchtunes_4090_table_once_the_differences_are_tak
     # back from the plan: its compiled, chunked cross-entropy keeps about the 16-bit logits where
     # transformers' loss adds an fp32 copy and the fp32 log-softmax (8 of our 10 bytes a logit),
     # and its figure leaves out the CUDA context (our 1 GiB).
-    differences = 8 * tokens * model.config.vocab_size + wif.CUDA_CONTEXT
+    differences = 8 * tokens * model.config.vocab_size + mem.CUDA_CONTEXT
     if (
         "--optim" in flags
     ):  # optimizer_in_bwd=True steps each weight in backward: no gradient buffer
