@@ -1,14 +1,17 @@
-"""Data preparation speed: run_clm.py's tokenize-and-group against the tokenizer's own ceiling.
+"""Data preparation speed: run_clm.py's data path against each tokenizer's own ceiling.
 
     python benchmarks/bench_data.py
 
-Reads train.txt (or a few MB of sample text when it is missing) the way run_clm.py does, then
-times, on 1 core and on all cores, each in a fresh process (benchmarks/datapath.py):
-- the ceiling: the GPT-2 tokenizer encoding the same text as one batch of line-aligned pieces;
-- run_clm.tokenize(): what a training run does before its first step (tokenize, check, group);
-- run_clm.tokenize() encoding each document in one call, as it did before it cut long documents
-  into line-aligned pieces (and still does for tokenizers where pieces would change the tokens).
-Prints tokens/s and the percentage of the ceiling, and where run_clm.tokenize() spends its time.
+For three tokenizers (the real GPT-2 one; a SentencePiece-style Llama one and a byte-level
+Qwen2 one, both trained on train.txt once per run, as tests/tiny.py makes them) times on 1 core
+and on all cores, each core count in a fresh process (benchmarks/datapath.py):
+- the ceiling: the tokenizer alone encoding the text as one batch of line pieces;
+- run_clm's data path: clm_data.load_splits + clm_data.tokenize on an empty datasets cache,
+  what a training run does before its first step (read, cut, tokenize, group into blocks);
+- the same with long documents read and encoded whole (clm_data.cut_rule forced to None), as
+  for a tokenizer with no exact cut.
+Prints tokens/s, the percentage of the ceiling, where the data path spends its time, and whether
+it reaches 90% of the ceiling, per tokenizer.
 """
 
 import argparse
@@ -21,117 +24,92 @@ from pathlib import Path
 
 from benchlib import fmt, machine_line, print_table, training_text
 
+from tiny import gpt2_tokenizer, llama_tokenizer, qwen2_tokenizer
+
 PATHS = ("ceiling", "run_clm", "whole")
-GOAL = 0.9  # the target set for run_clm.tokenize(): 90% of the tokenizer's own throughput
+GOAL = 0.9  # run_clm's data path at 90% of the tokenizer's own throughput or more
 LABELS = {
     "ceiling": "tokenizer alone, batched (ceiling)",
-    "run_clm": "run_clm.tokenize()",
-    "whole": "run_clm.tokenize(), whole documents",
+    "run_clm": "run_clm's data path",
+    "whole": "run_clm's data path, whole documents",
 }
+TOKENIZERS = {"gpt2": gpt2_tokenizer, "llama": llama_tokenizer, "qwen2": qwen2_tokenizer}
 
 
-def spawn(cores: str, args: argparse.Namespace, scratch: Path) -> dict:
+def spawn(cores: str, args: argparse.Namespace, tokenizers: dict[str, Path], scratch: Path) -> dict:
     """Measure in a fresh process, so thread pools and caches start as a user's run would."""
     result = scratch / f"result-{cores}.json"
     command = [
-        sys.executable,
-        str(Path(__file__).resolve().parent / "datapath.py"),
-        "--cores",
-        cores,
-        "--train_file",
-        str(args.train_file),
-        "--block_size",
-        str(args.block_size),
-        "--repeats",
-        str(args.repeats),
-        "--scratch",
-        str(scratch),
-        "--result",
-        str(result),
-    ]
-    env = dict(
-        os.environ,
-        # The library's default when nobody sets it; test runners often turn it off.
-        TOKENIZERS_PARALLELISM="true",
-        # A cache of its own, so earlier runs cannot make reading the file look free.
-        HF_DATASETS_CACHE=str(scratch / f"datasets-{cores}"),
-    )
+        sys.executable, str(Path(__file__).resolve().parent / "datapath.py"),
+        "--cores", cores,
+        "--train_file", str(args.train_file),
+        "--block_size", str(args.block_size),
+        "--repeats", str(args.repeats),
+        "--scratch", str(scratch),
+        "--result", str(result),
+        *(f"--tokenizer={name}={folder}" for name, folder in tokenizers.items()),
+    ]  # fmt: skip
+    # The library's default when nobody sets it; test runners often turn it off.
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="true")
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"bench_data.py: the {cores}-core measurement failed:\n{done.stderr[-3000:]}")
     return json.loads(result.read_text(encoding="utf-8"))
 
 
-def report(results: dict[str, dict], source: str, repeats: int) -> None:
-    rows = []
-    for result in results.values():
-        best = {path: min(result["seconds"][path]) for path in PATHS}
-        best_cpu = {path: min(result["cpu_seconds"][path]) for path in PATHS}
-        rate = {path: result["tokens"][path] / best[path] for path in PATHS}
-        cpu_rate = {path: result["tokens"][path] / best_cpu[path] for path in PATHS}
-        for path in PATHS:
-            rows.append(
-                [
-                    LABELS[path],
-                    f"{result['cores']} ({result['free_cores']:.1f} free)",
-                    f"{result['tokens'][path]:,}",
-                    fmt(best[path]),
-                    f"{rate[path]:,.0f}",
-                    f"{100 * rate[path] / rate['ceiling']:.0f}%",
-                    fmt(best_cpu[path]),
-                    f"{100 * cpu_rate[path] / cpu_rate['ceiling']:.0f}%",
-                ]
-            )
+def rates(figures: dict, key: str) -> dict[str, float]:
+    """Tokens per second of each path, from its best of the repeats."""
+    return {path: figures["tokens"][path] / min(figures[key][path]) for path in PATHS}
+
+
+def report(results: list[dict], source: str, repeats: int) -> None:
+    rows, phase_rows = [], []
+    for name in results[0]["tokenizers"]:
+        for result in results:
+            figures = result["tokenizers"][name]
+            wall, cpu = rates(figures, "seconds"), rates(figures, "cpu_seconds")
+            cores = f"{result['cores']} ({figures['free_cores']:.1f} free)"
+            for path in PATHS:
+                rows.append([
+                    name, LABELS[path], cores, f"{figures['tokens'][path]:,}",
+                    fmt(min(figures["seconds"][path])), f"{wall[path]:,.0f}",
+                    f"{wall[path] / wall['ceiling']:.0%}", fmt(min(figures["cpu_seconds"][path])),
+                    f"{cpu[path] / cpu['ceiling']:.0%}",
+                ])  # fmt: skip
+            phases = figures["phases"]
+            parts = [phases.get(key, 0.0) for key in ("reading", "tokenizing", "grouping")]
+            rest = phases["total"] - sum(parts)
+            seconds = [*parts, rest, phases["total"]]
+            phase_rows.append([name, str(result["cores"]), *map(fmt, seconds)])
     print_table(
         f"Data preparation: {source}; best of {repeats}",
-        [
-            "path",
-            "cores (free)",
-            "tokens",
-            "seconds",
-            "tokens/s",
-            "% of ceiling",
-            "CPU s",
-            "% of ceiling by CPU time",
-        ],
+        ["tokenizer", "path", "cores (free)", "tokens", "seconds", "tokens/s", "% of ceiling",
+         "CPU s", "% of ceiling by CPU time"],
         rows,
-    )
-
-    phase_rows = []
-    for result in results.values():
-        phases = dict(result["phases"])
-        hashing = sum(v for k, v in phases.items() if k.endswith(": hashing"))
-        tokenizing = phases.get("tokenizing", 0.0) - phases.get("tokenizing: hashing", 0.0)
-        grouping = phases.get("grouping", 0.0) - phases.get("grouping: hashing", 0.0)
-        rest = phases["total"] - hashing - tokenizing - grouping
-        phase_rows.append(
-            [
-                str(result["cores"]),
-                *map(fmt, (hashing, tokenizing, grouping, rest, phases["total"])),
-            ]
-        )
+    )  # fmt: skip
     print_table(
-        "Where run_clm.tokenize() spends its time (first repeat, seconds)",
-        ["cores", "hashing for the cache", "tokenizing", "grouping", "rest", "total"],
+        "Where run_clm's data path spends its time (its fastest repeat, seconds)",
+        ["tokenizer", "cores", "reading", "tokenizing", "grouping", "rest", "total"],
         phase_rows,
     )
-    same = all(result["same_blocks"] for result in results.values())
-    first = next(iter(results.values()))
-    print(
-        f"\nreading the file (run_clm.load_texts): {first['read_s']:.2f} s; "
-        f"whole-document blocks identical to run_clm's: {'yes' if same else 'NO'} "
-        f"({first['block_tokens']:,} tokens in blocks)",
-        flush=True,
-    )
-    shares = []
-    for result in results.values():
-        best = {path: min(result["seconds"][path]) for path in ("ceiling", "run_clm")}
-        rate = {path: result["tokens"][path] / best[path] for path in best}
-        shares.append((result["cores"], rate["run_clm"] / rate["ceiling"]))
-    # Judged on wall time: what a user waits for.
-    verdict = "met" if all(share >= GOAL for _, share in shares) else "MISSED"
-    listed = ", ".join(f"{share:.0%} on {cores} core(s)" for cores, share in shares)
-    print(f"goal: run_clm.tokenize() at {GOAL:.0%} of the ceiling or more: {verdict} ({listed})")
+    print()
+    for name, figures in results[0]["tokenizers"].items():
+        same = all(result["tokenizers"][name]["same_blocks"] for result in results)
+        print(
+            f"{name}: cut rule {figures['rule']!r}; whole-document blocks identical to run_clm's: "
+            f"{'yes' if same else 'NO'} ({figures['block_tokens']:,} tokens in blocks)"
+        )
+    for name in results[0]["tokenizers"]:
+        # Judged on wall time: what a user waits for.
+        shares = [
+            (result["cores"], rates(result["tokenizers"][name], "seconds")) for result in results
+        ]
+        shares = [(cores, rate["run_clm"] / rate["ceiling"]) for cores, rate in shares]
+        verdict = "met" if all(share >= GOAL for _, share in shares) else "MISSED"
+        listed = ", ".join(f"{share:.0%} on {cores} core(s)" for cores, share in shares)
+        print(
+            f"goal ({name}): run_clm's data path at {GOAL:.0%} of the ceiling or more: {verdict} ({listed})"
+        )
 
 
 def main() -> None:
@@ -163,14 +141,26 @@ def main() -> None:
         default="both",
         help="Measure on one core, on all cores, or both (default).",
     )
+    parser.add_argument(
+        "--tokenizers",
+        nargs="+",
+        choices=list(TOKENIZERS),
+        default=list(TOKENIZERS),
+        help="Tokenizers to measure (default: all three).",
+    )
     args = parser.parse_args()
 
     print(f"machine: {machine_line()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-data-") as folder:
         scratch = Path(folder)
         args.train_file, source = training_text(args.train_file, args.megabytes, scratch)
+        tokenizers = {}
+        for name in args.tokenizers:
+            # Trained once here; each measurement loads the saved folder, as run_clm.py does.
+            tokenizers[name] = scratch / f"tokenizer-{name}"
+            TOKENIZERS[name]().save_pretrained(tokenizers[name])
         wanted = ["1", "all"] if args.cores == "both" else [args.cores]
-        results = {cores: spawn(cores, args, scratch) for cores in wanted}
+        results = [spawn(cores, args, tokenizers, scratch) for cores in wanted]
     report(results, source, args.repeats)
 
 

@@ -1,4 +1,4 @@
-"""Training speed on CPU: our full DeepSpeed path against the plain Trainer, in one run.
+"""Training speed on CPU: our full DeepSpeed path, the plain Trainer and LoRA, in one run.
 
     python benchmarks/bench_train_cpu.py
 
@@ -7,7 +7,8 @@ run_clm.py, the way the guide launches it, and the same run without DeepSpeed:
 - deepspeed: `deepspeed --num_gpus=1 run_clm.py --deepspeed ds_config.json ...` (ZeRO-2, Adam
   offloaded to DeepSpeedCPUAdam), activations recomputed (run_clm.py's default);
 - plain: `python run_clm.py ...` with the same model, data, batch and checkpointing (torch AdamW);
-- both again with `--gradient_checkpointing False`, to price the recomputation.
+- lora: plain with `--use_peft` (a LoRA adapter on every linear layer, run_clm.py's defaults);
+- deepspeed and plain again with `--gradient_checkpointing False`, to price the recomputation.
 Each step is timed inside the training loop (benchmarks/timed_run_clm.py); the first steps and
 any step that saved a checkpoint are left out of the per-step figures. The one-time build of
 DeepSpeed's CPU ops is measured on its own, in an empty extensions folder.
@@ -25,9 +26,9 @@ from pathlib import Path
 
 from benchlib import (
     REPO,
+    deepspeed_launcher,
     fmt,
     free_cores,
-    free_port,
     machine_line,
     median,
     print_table,
@@ -38,22 +39,30 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from tiny import gpt2_tokenizer
 
 HERE = Path(__file__).resolve().parent
-# name: (DeepSpeed or not, activation checkpointing, changes to ds_config.json's zero_optimization)
+# name: (DeepSpeed or not, activation checkpointing, changes to ds_config.json's
+# zero_optimization, more run_clm.py flags)
 VARIANTS = {
-    "deepspeed": (True, True, {}),
-    "plain": (False, True, {}),
-    "deepspeed-no-ckpt": (True, False, {}),
-    "plain-no-ckpt": (False, False, {}),
+    "deepspeed": (True, True, {}, []),
+    "plain": (False, True, {}, []),
+    "lora": (False, True, {}, ["--use_peft"]),
+    "deepspeed-no-ckpt": (True, False, {}, []),
+    "plain-no-ckpt": (False, False, {}, []),
     # Candidate DeepSpeed settings, run on request (--variants) to price a proposed change.
-    "deepspeed-no-overlap": (True, True, {"overlap_comm": False}),
+    "deepspeed-no-overlap": (True, True, {"overlap_comm": False}, []),
     "deepspeed-buckets-5e7": (
         True,
         True,
         {"allgather_bucket_size": 5e7, "reduce_bucket_size": 5e7},
+        [],
     ),
-    "deepspeed-no-pin": (True, True, {"offload_optimizer": {"device": "cpu", "pin_memory": False}}),
+    "deepspeed-no-pin": (
+        True,
+        True,
+        {"offload_optimizer": {"device": "cpu", "pin_memory": False}},
+        [],
+    ),
 }
-DEFAULT_VARIANTS = ["deepspeed", "plain", "deepspeed-no-ckpt", "plain-no-ckpt"]
+DEFAULT_VARIANTS = ["deepspeed", "plain", "lora", "deepspeed-no-ckpt", "plain-no-ckpt"]
 BUILD_SCRIPT = """
 import sys, time
 from deepspeed.accelerator import get_accelerator
@@ -92,7 +101,7 @@ def cut_text(source: Path, tokens: int, target: Path) -> Path:
 def run_variant(
     name: str, args: argparse.Namespace, model: Path, data: Path, scratch: Path
 ) -> dict:
-    deepspeed, checkpointing, changes = VARIANTS[name]
+    deepspeed, checkpointing, changes, extra = VARIANTS[name]
     output = scratch / name
     timings = scratch / f"{name}.json"
     timings.unlink(missing_ok=True)
@@ -110,6 +119,7 @@ def run_variant(
         "--save_steps", str(args.save_at),
         "--report_to", "none",
         "--seed", "0",
+        *extra,
     ]  # fmt: skip
     if not checkpointing:
         flags += ["--gradient_checkpointing", "False"]
@@ -123,12 +133,7 @@ def run_variant(
             config["zero_optimization"].update(changes)
             config_path = scratch / f"{name}.ds_config.json"
             config_path.write_text(json.dumps(config, indent=1), encoding="utf-8")
-        launcher = [
-            str(Path(sys.executable).parent / "deepspeed"),
-            "--master_port",
-            str(free_port()),
-        ]
-        command = [*launcher, "--num_gpus=1", *script, "--deepspeed", str(config_path), *flags]
+        command = [*deepspeed_launcher(), *script, "--deepspeed", str(config_path), *flags]
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     # A CPU benchmark everywhere: no GPU for the plain Trainer, the CPU accelerator for DeepSpeed.
     env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
@@ -301,6 +306,12 @@ def main() -> None:
     for name, s in summaries.items():
         if s["engine_line"]:
             print(f"{name}: {s['engine_line'].strip()}")
+    if "lora" in summaries and "plain" in summaries:
+        lora, full = summaries["lora"], summaries["plain"]
+        print(
+            f"LoRA step / full step (plain Trainer, same model, batch and checkpointing): "
+            f"{lora['wall'] / full['wall']:.2f} by wall time, {lora['cpu'] / full['cpu']:.2f} by CPU time"
+        )
     if compiled:
         print_table(
             "DeepSpeed's one-time op build (empty TORCH_EXTENSIONS_DIR), then a load from the cache",

@@ -65,11 +65,14 @@ def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     print(markdown_table(columns, rows), flush=True)
 
 
-def free_port() -> int:
-    """A port no other launch uses: two DeepSpeed launches on the default one collide."""
+def deepspeed_launcher() -> list[str]:
+    """The `deepspeed --num_gpus=1` of the guide's command, on a port no other launch uses (two
+    launches on the default one collide), before the script and its flags."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port = sock.getsockname()[1]
+    runner = [sys.executable, "-m", "deepspeed.launcher.runner"]
+    return [*runner, "--master_port", str(port), "--num_gpus=1"]
 
 
 def cpu_name() -> str:

@@ -1,25 +1,41 @@
 """A stopwatch inside the Trainer's loop: each optimizer step's wall time and where it went.
 
-`timed(run_clm.SealingTrainer, path)` gives a subclass that trains exactly as its base does and
+`timed(run_clm.GuardedTrainer, path)` gives a subclass that trains exactly as its base does and
 writes, at the end of training, one record per optimizer step to `path` (JSON):
 wall (from the end of the previous step to the end of this one: data loading, logging and all),
 cpu (CPU seconds of all this process's threads over the same span: other jobs on a shared
-machine stretch wall time but not this), forward, backward, optimizer (DeepSpeed's engine.step, or clipping plus optimizer.step), the
-checkpoint saves that fell in it, and whether the step was skipped (fp16 overflow).
+machine stretch wall time but not this), forward, backward, optimizer (DeepSpeed's engine.step,
+or clipping plus optimizer.step), the checkpoint saves that fell in it, what it trained on
+(examples; tokens: real ones; slots: with padding; attention: the sum of each example's length
+squared, for attention FLOPs), and whether the step was skipped (fp16 overflow).
 On a GPU every reading waits for the GPU first, so time lands where the work was done.
 """
 
 import json
 import resource
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
-PARTS = ("forward", "backward", "optimizer", "save")
+PARTS = ("forward", "backward", "optimizer", "save", "examples", "tokens", "slots", "attention")
 # The clock of the training in progress, for code that cannot reach the Trainer (DeepSpeed's engine).
 ACTIVE: "StepClock | None" = None
+
+
+def sequence_lengths(inputs: dict) -> list[int]:
+    """The real length of each example in a batch: from the attention mask of padded rows, from
+    where position_ids restart in a packed row, else whole rows (blocks of running text)."""
+    ids = inputs["input_ids"]
+    if "attention_mask" in inputs:
+        return inputs["attention_mask"].sum(dim=1).tolist()
+    positions = inputs.get("position_ids")
+    if positions is not None and ids.shape[0] == 1:
+        starts = (positions[0] == 0).nonzero().flatten().tolist()
+        return [end - start for start, end in pairwise([*starts, ids.shape[1]])]
+    return [ids.shape[1]] * ids.shape[0]
 
 
 def now() -> float:
@@ -42,6 +58,13 @@ class StepClock(TrainerCallback):
 
     def add(self, part: str, seconds: float) -> None:
         self.parts[part] += seconds
+
+    def count(self, inputs: dict) -> None:
+        lengths = sequence_lengths(inputs)
+        self.add("examples", len(lengths))
+        self.add("tokens", sum(lengths))
+        self.add("slots", inputs["input_ids"].numel())
+        self.add("attention", sum(n * n for n in lengths))
 
     def on_train_begin(self, args, state, control, **kwargs):
         global ACTIVE
@@ -125,6 +148,7 @@ def timed(base: type, path: Path) -> type:
                 self.clock.add("forward", now() - start)
 
         def training_step(self, model, inputs, *args, **kwargs):
+            self.clock.count(inputs)  # before the clock starts: it may wait for the GPU
             before = dict(self.clock.parts)
             start = now()
             try:

@@ -22,7 +22,7 @@ def main() -> None:
         "--timings", type=Path, required=True, help="JSON file for the per-step timing records."
     )
     args, run_clm_argv = parser.parse_known_args()
-    run_clm.SealingTrainer = stepclock.timed(run_clm.SealingTrainer, args.timings)
+    run_clm.GuardedTrainer = stepclock.timed(run_clm.GuardedTrainer, args.timings)
     run_clm.main(run_clm_argv)
 
 
