@@ -145,11 +145,13 @@ def cut_rule(tokenizer) -> str | None:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or getattr(tokenizer, "split_special_tokens", False):
         return None
-    settings = json.loads(backend.to_str())
-    normalizer = settings.get("normalizer") or {"type": "NFC"}
-    if normalizer["type"] not in ("NFC", "NFKC"):
+    # Their settings alone: the whole tokenizer's JSON holds the vocabulary, megabytes to parse.
+    normalizer, pre = (
+        json.loads(part.__getstate__()) if part is not None else {}
+        for part in (backend.normalizer, backend.pre_tokenizer)
+    )
+    if (normalizer or {"type": "NFC"})["type"] not in ("NFC", "NFKC"):
         return None
-    pre = settings.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [step.get("type") for step in steps]
     rule = None
@@ -522,8 +524,15 @@ def tokenize(
     closing = after if after[-1:] == [eos] else [*after, eos]
     template = chat_template(tokenizer, data)
 
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+
     def ids(texts: list[str]) -> list[list[int]]:
-        return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        if backend is None:  # a Python tokenizer (--use_fast_tokenizer False)
+            return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        # The same ids as calling the tokenizer, without the character offsets it also computes.
+        return [
+            encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)
+        ]
 
     def encode_text(batch: dict) -> dict:
         cut, owners = [], []
