@@ -525,15 +525,20 @@ def train_and_evaluate(model_args, lora, data, run, training) -> None:
     checkpoints.check_shared_output_dir(output_dir, training)
     checkpoints.carry_out(plan)  # nothing is deleted before the data and the model are known good
     # Under ZeRO-3 a partitioned parameter reports 0 elements; ds_numel is its real size.
-    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
-    parameters, trainable = sum(n for n, _ in sizes), sum(n for n, grad in sizes if grad)
+    if lora.use_peft:  # peft counts 4-bit weights at their real number, not their packed bytes
+        trainable, parameters = model.get_nb_trainable_parameters()
+    else:
+        sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
+        parameters, trainable = sum(n for n, _ in sizes), sum(n for n, grad in sizes if grad)
     if training.do_train:
         saved, width = (trainable, 4) if lora.use_peft else (parameters, model.dtype.itemsize)
-        optimizer = 0 if training.save_only_model else trainable
-        checkpoints.check_disk(
-            output_dir,
-            checkpoints.checkpoint_bytes(saved, optimizer, width, bool(training.deepspeed)),
+        # Without checkpoints only the final weights are written.
+        no_states = training.save_only_model or training.save_strategy == "no"
+        deepspeed = bool(training.deepspeed) and training.save_strategy != "no"
+        needed = checkpoints.checkpoint_bytes(
+            saved, 0 if no_states else trainable, width, deepspeed
         )
+        checkpoints.check_disk(output_dir, needed)
     say(
         f"model {model_args.model_name_or_path or model_args.model_type}: {parameters / 1e6:.1f}M parameters, "
         f"block {block_size} tokens, {len(train_set) if train_set is not None else 0} train / "

@@ -233,6 +233,12 @@ def test_a_lora_run_needs_disk_for_its_adapter_only(capsys, base, tmp_path, monk
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_a_run_that_saves_no_checkpoints_needs_disk_for_its_weights_only(base, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda path: usage(2**30, 0, 20 * 2**20))
+    run_clm.main([*base, "--max_steps", "1", "--block_size", "32", "--save_strategy", "no"])
+
+
 def test_gpu_out_of_memory_says_what_to_change(capsys, base, monkeypatch):
     """torch raises OutOfMemoryError from inside a step; the user gets advice, not a CUDA traceback."""
 
