@@ -23,9 +23,9 @@ def trained(tmp_path_factory, tiny_gpt2):
         "deepspeed", "--master_port", str(free_port()), "--num_gpus=1", "run_clm.py",
         "--deepspeed", "ds_config.json", "--model_name_or_path", str(tiny_gpt2),
         "--train_file", "qa.jsonl", "--validation_file", "qa.jsonl", "--do_train", "--do_eval",
-        "--packing", "--output_dir", "qa", "--max_steps", "60", "--per_device_train_batch_size", "8",
+        "--packing", "--output_dir", "qa", "--max_steps", "40", "--per_device_train_batch_size", "8",
         "--learning_rate", "1e-2", "--warmup_steps", "5", "--logging_steps", "10",
-        "--eval_strategy", "steps", "--eval_steps", "60", "--eval_on_start", "--save_strategy", "no",
+        "--eval_strategy", "steps", "--eval_steps", "40", "--eval_on_start", "--save_strategy", "no",
     ]  # fmt: skip
     done = run(argv, cwd=folder)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
