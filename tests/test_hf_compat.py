@@ -68,7 +68,10 @@ def test_2021_spellings_still_work(sample_text, tmp_path, tiny_gpt2, capsys):
             "--torch_dtype", "bfloat16", "--bf16", "--use_auth_token", "--low_cpu_mem_usage"]  # fmt: skip
     run_clm.main(argv)
     out = capsys.readouterr().out
-    assert "warning: --use_auth_token is deprecated; your saved hub login is used (or pass --token)." in out
+    assert (
+        "warning: --use_auth_token is deprecated; your saved hub login is used (or pass --token)."
+        in out
+    )
     results = json.loads((tmp_path / "out" / "all_results.json").read_text())
     assert results["eval_samples"] == 3
     history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
@@ -100,4 +103,6 @@ def test_a_dataset_that_is_not_there_is_one_line(tmp_path, tiny_gpt2, capsys):
         run_clm.main(argv)
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("run_clm.py: error: --dataset_name no-such-org/no-such-data: cannot load it")
+    assert err.startswith(
+        "run_clm.py: error: --dataset_name no-such-org/no-such-data: cannot load it"
+    )
