@@ -40,6 +40,7 @@ from transformers import (
     TrainingArguments,
     default_data_collator,
 )
+from transformers.pytorch_utils import Conv1D
 
 import checkpoints
 import clm_data
@@ -53,6 +54,10 @@ PROG = "run_clm.py"
 logging.getLogger("accelerate.accelerator").setLevel(logging.ERROR)
 # peft 0.21 still reads transformers 5's deprecated `is_gradient_checkpointing`.
 warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+# On a CPU, accelerate sets the thread count itself and says so; nothing for a user to act on.
+warnings.filterwarnings("ignore", "OMP_NUM_THREADS/MKL_NUM_THREADS unset", UserWarning)
+# DeepSpeed 0.19's ZeRO-3 calls collectives that torch 2.13 renamed: theirs to settle, not yours.
+warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
 
 
 def say(message: str) -> None:
@@ -320,6 +325,8 @@ def load_model(args: ModelArguments, lora: LoraArguments, training: TrainingArgu
             lora_alpha=lora.lora_alpha,
             lora_dropout=lora.lora_dropout,
             target_modules=lora.lora_target_modules or "all-linear",
+            # GPT-2's layers (Conv1D) hold their weights transposed; peft needs to be told.
+            fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()),
             task_type="CAUSAL_LM",
         )
         try:

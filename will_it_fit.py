@@ -280,6 +280,8 @@ def advise(found: Plan, machine: Machine, args: argparse.Namespace, passed: list
 
 def main(argv: list[str] | None = None) -> int:
     """Print the plan and the verdict: exit status 0 when it fits, 1 when not."""
+    # DeepSpeed's estimators are arithmetic: on a laptop it need not look for a GPU and warn.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     args, passed = parse_args(sys.argv[1:] if argv is None else argv)
     # Read the DeepSpeed JSON before the model so a broken config is reported at once.
     raw = read_json(Path(args.deepspeed)) if args.deepspeed else None

@@ -118,6 +118,11 @@ def run_clm_plain(
     return run([*argv, "--do_train", "--output_dir", output_dir, *flags], cwd=cwd)
 
 
+def python_warnings(output: str) -> list[str]:
+    """The warnings Python printed (`file:line: SomeWarning: message`): noise a user cannot act on."""
+    return re.findall(r"^.*:\d+: \w*Warning: .*$", output, flags=re.M)
+
+
 def losses(output_dir: Path) -> dict[int, float]:
     """The training loss logged at each optimizer step of a run, from its trainer_state.json."""
     state = json.loads((output_dir / "trainer_state.json").read_text())

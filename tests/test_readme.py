@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from launch import markdown_blocks, readme_blocks, replace_flag, run, shell_commands, workdir
+from launch import (
+    markdown_blocks,
+    python_warnings,
+    readme_blocks,
+    replace_flag,
+    run,
+    shell_commands,
+    workdir,
+)
 from tiny import REPO
 
 sys.path.insert(0, str(REPO))
@@ -91,6 +99,7 @@ def test_smoke_run_as_printed(tmp_path: Path):
             continue  # already installed in this environment; .ci/run installs it for real
         done = run(argv, cwd=folder, timeout=900)
         assert done.returncode == 0, (argv, done.stdout[-3000:], done.stderr[-3000:])
+        assert not python_warnings(done.stderr), (argv, python_warnings(done.stderr))
         outputs.append(done.stdout + done.stderr)
     training, sampling = outputs[-2], outputs[-1]
     readme = (REPO / "README.md").read_text(encoding="utf-8")

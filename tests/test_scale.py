@@ -18,6 +18,7 @@ from launch import (
     complete_checkpoints,
     free_port,
     losses,
+    python_warnings,
     read_until_losses,
     run,
     start,
@@ -60,6 +61,7 @@ def command(model: Path, ranks: int, batch: int, out: str, config: str = "ds_con
 def finish(argv: list[str], folder: Path) -> str:
     done = run(argv, cwd=folder)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert not python_warnings(done.stderr), python_warnings(done.stderr)
     return done.stdout + done.stderr
 
 

@@ -3,6 +3,7 @@ this CPU, the guide's machines, torchtune's published peak memory, and the trans
 docs/planner.md and the README. Figures DeepSpeed's own estimators give are not re-derived here."""
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -48,10 +49,10 @@ def planner(capsys, monkeypatch, *argv: str) -> tuple[int, str]:
     return code, capsys.readouterr().out
 
 
-def cli(*argv: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+def cli(*argv: str, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(REPO / "will_it_fit.py"), *argv],
-        cwd=cwd, capture_output=True, text=True, timeout=120,
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
 
 
@@ -542,6 +543,15 @@ def test_planner_output_in_the_docs_is_what_it_prints(capsys, monkeypatch):
                 continue
             assert line in printed[at:], (argv, line)
             at = printed.index(line, at) + 1
+
+
+def test_on_a_laptop_the_plan_is_all_that_is_printed():
+    """No GPU and no DeepSpeed settings, as where people plan before renting: nothing on stderr."""
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    flags = ["--deepspeed", "ds_config.json", "--fp16", "--gpu_memory", "16GB", "--ram", "64GB"]
+    done = cli("--model_name_or_path", "gpt2-xl", *flags, env=env)
+    assert done.returncode == 0 and "verdict: fits" in done.stdout, done.stdout[-2000:]
+    assert done.stderr == ""
 
 
 # --- bad input ---------------------------------------------------------------------------------
