@@ -34,6 +34,8 @@ COMPLETE_MARKER = "checkpoint-complete"
 FINAL_MARKER = "all_results.json"
 # The stop reason shared by all ranks when the launcher is gone: it is SIGHUP's job description.
 LAUNCHER_GONE = int(signal.SIGHUP)
+# What a launcher's process runs, as its command line shows it.
+LAUNCHERS = ("deepspeed.launcher.launch", "torchrun", "torch.distributed.run")
 
 
 def checkpoints_in(output_dir: Path) -> list[Path]:
@@ -178,14 +180,17 @@ def watched_launcher() -> list[tuple[int, int]]:
 
     Under `deepspeed` on one node, a rank's parent is deepspeed.launcher.launch and its parent
     the `deepspeed` command, which has no signal handler: `kill` of it leaves the ranks training
-    on with nobody to stop them. Under torchrun the parent is the elastic agent.
+    on with nobody to stop them. Under torchrun the parent is the elastic agent. A shell or a
+    scheduler that started this process itself is not watched: `nohup` outlives its shell.
     """
-    if "LOCAL_RANK" not in os.environ:
+    parent = psutil.Process(os.getppid())
+    command = " ".join(parent.cmdline())
+    launcher = next((name for name in LAUNCHERS if name in command), None)
+    if launcher is None:
         return []
-    launcher = psutil.Process(os.getppid())
-    watched = [(os.getpid(), launcher.pid)]
-    if any("deepspeed.launcher.launch" in part for part in launcher.cmdline()):
-        watched.append((launcher.pid, launcher.ppid()))
+    watched = [(os.getpid(), parent.pid)]
+    if launcher == "deepspeed.launcher.launch":
+        watched.append((parent.pid, parent.ppid()))
     return watched
 
 

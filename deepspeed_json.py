@@ -25,6 +25,8 @@ OWNED = {
     ("bf16", "enabled"): "bf16",
     ("train_batch_size",): None,  # per-GPU batch x accumulation x GPUs
 }
+# Settings that hold settings: each must be a JSON object.
+SECTIONS = ("zero_optimization", "optimizer", "scheduler", "fp16", "bf16")
 # 2021 keys under zero_optimization that DeepSpeed renamed, and today's form.
 RENAMED = {
     "cpu_offload": ("offload_optimizer", {"device": "cpu"}),
@@ -50,6 +52,7 @@ def modern(path: str, values: dict, optim_given: bool) -> dict:
         raise UserError(
             f"--deepspeed {path}: not a JSON text file; point it at a DeepSpeed config."
         ) from None
+    check_sections(config, path)
     notes = []
     zero = config.get("zero_optimization", {})
     for old, (new, block) in RENAMED.items():
@@ -60,6 +63,8 @@ def modern(path: str, values: dict, optim_given: bool) -> dict:
             elif value:
                 zero.setdefault(new, block)
             notes.append(f'"{old}" is now "{new}"' + (f": {json.dumps(block)}" if block else ""))
+    # Checked now, not in a traceback from deep inside DeepSpeed once the model has loaded.
+    zero_config(zero, f"--deepspeed {path}", hidden=1)
     if optim_given and "optimizer" in config:
         raise UserError(
             f'--optim {values["optim"]} and the "optimizer" block of {path} both choose the optimizer; '
@@ -72,10 +77,13 @@ def modern(path: str, values: dict, optim_given: bool) -> dict:
         )
     for keys, owner in OWNED.items():
         *parents, last = keys
+        if parents[:1] == ["optimizer"] and "optimizer" not in config:
+            continue  # no optimizer block: the Trainer's own, from --optim
         block = config
         for key in parents:
-            block = block.get(key, {}) if isinstance(block, dict) else {}
-        if not isinstance(block, dict) or block.get(last, "auto") == "auto":
+            block = block.setdefault(key, {})
+        # A missing key is not filled in by the Trainer: DeepSpeed would use its own default.
+        if block.setdefault(last, "auto") == "auto":
             continue
         wanted = [values[name] for name in owner] if isinstance(owner, tuple) else values.get(owner)
         if (
@@ -90,3 +98,33 @@ def modern(path: str, values: dict, optim_given: bool) -> dict:
             PROG, f"--deepspeed {path}: the command line decides, not the JSON: {'; '.join(notes)}."
         )
     return config
+
+
+def check_sections(config, path: str) -> None:
+    """The file, and each section of settings in it, must be a JSON object: {...}."""
+    found = [("the file", config)]
+    if isinstance(config, dict):
+        found += [(f'"{key}"', config[key]) for key in SECTIONS if key in config]
+        optimizer = config.get("optimizer")
+        if isinstance(optimizer, dict) and "params" in optimizer:
+            found.append(('"optimizer.params"', optimizer["params"]))
+    for where, block in found:
+        if not isinstance(block, dict):
+            raise UserError(
+                f"--deepspeed {path}: {where} must be a JSON object of settings ({{...}}), not "
+                f"{json.dumps(block)[:40]}; compare with ds_config.json."
+            )
+
+
+def zero_config(zero: dict, source: str, hidden: int):
+    """zero_optimization as DeepSpeed reads it (its defaults, its checks: DeepSpeedZeroConfig),
+    with the "auto" bucket sizes the Trainer picks for a model of this hidden size."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    auto = {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": 0.9 * hidden**2}
+    settings = {k: int(auto[k]) if v == "auto" and k in auto else v for k, v in zero.items()}
+    try:
+        return DeepSpeedZeroConfig(**settings)
+    except ValueError as exc:  # pydantic's ValidationError: the setting, and why
+        why = " ".join(str(exc).splitlines()[1:3])
+        raise UserError(f"{source}: zero_optimization: {why}") from None

@@ -23,6 +23,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import deepspeed_json
 from common import UserError
 
 GIB = 2**30
@@ -197,17 +198,9 @@ def zero_settings(config: Any, source: str, hidden: int) -> Zero:
     stage = zero.get("stage") if isinstance(zero, dict) else None
     if stage not in (2, 3):
         raise UserError(f"{source}: ZeRO stage {stage!r}: the planner covers stages 2 and 3")
-    auto = {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": 0.9 * hidden**2}
-    settings = {k: int(auto[k]) if v == "auto" and k in auto else v for k, v in zero.items()}
     # DeepSpeed's logger writes to the stdout it finds at import: keep the plan alone there.
     with contextlib.redirect_stdout(sys.stderr):
-        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-
-        try:
-            return DeepSpeedZeroConfig(**settings)
-        except ValueError as exc:  # pydantic's ValidationError: the setting, and why
-            why = " ".join(str(exc).splitlines()[1:3])
-            raise UserError(f"{source}: zero_optimization: {why}") from None
+        return deepspeed_json.zero_config(zero, source, hidden)
 
 
 def offloads(zero: Zero) -> tuple[str, str]:

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
 import warnings
 from dataclasses import dataclass, fields
@@ -233,6 +234,12 @@ def validate(model_args, lora, data, run, training) -> None:
             "--load_in_4bit with --deepspeed: QLoRA runs on one GPU without DeepSpeed; drop --deepspeed "
             "and launch with `python run_clm.py`."
         )
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 # ---------------------------------------------------------------- the model
@@ -493,6 +500,13 @@ def save_merged(model_args: ModelArguments, tokenizer, output_dir: Path) -> None
 
 def train_and_evaluate(model_args, lora, data, run, training) -> None:
     output_dir = Path(training.output_dir)
+    if training.deepspeed and "RANK" not in os.environ:
+        # `python run_clm.py --deepspeed ...`: one process and no launcher to say so, so
+        # DeepSpeed would go looking for MPI. Tell it what a launcher would have.
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(free_port()),
+        )  # fmt: skip
     wandb_offline_unless_logged_in(training)
     plan = checkpoints.ResumePlan()
     if training.do_train:

@@ -124,9 +124,20 @@ def test_missing_deepspeed_config(capsys, base):
     fails_with(capsys, [*base, "--deepspeed", "ds_nope.json"], "--deepspeed ds_nope.json", "no such file")  # fmt: skip
 
 
-def test_malformed_deepspeed_config(capsys, base, tmp_path):
-    (tmp_path / "ds.json").write_text('{\n  "zero_optimization": {\n    "stage": 2\n    "overlap_comm": true\n  }\n}\n')  # fmt: skip
-    fails_with(capsys, [*base, "--deepspeed", "ds.json"], "--deepspeed ds.json", "line 4, column 5")
+MALFORMED_DEEPSPEED = {
+    "missing comma": ('{\n  "zero_optimization": {\n    "stage": 2\n    "overlap_comm": true\n  }\n}\n', "line 4, column 5"),
+    "not an object": ("[2]", "the file must be a JSON object"),
+    "section not an object": ('{"zero_optimization": 2}', '"zero_optimization" must be a JSON object'),
+    "no such stage": ('{"zero_optimization": {"stage": 7}}', "zero_optimization: stage"),
+    "size not a number": ('{"zero_optimization": {"stage": 2, "reduce_bucket_size": "big"}}', "reduce_bucket_size"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", MALFORMED_DEEPSPEED)
+def test_malformed_deepspeed_config(capsys, base, tmp_path, case):
+    text, fragment = MALFORMED_DEEPSPEED[case]
+    (tmp_path / "ds.json").write_text(text)
+    fails_with(capsys, [*base, "--deepspeed", "ds.json"], "--deepspeed ds.json", fragment)
 
 
 FLAG_CASES = {

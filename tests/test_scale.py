@@ -41,8 +41,7 @@ DS_2021 = {
     "zero_optimization": {"stage": 2, "allgather_partitions": True, "allgather_bucket_size": 2e8,
                           "overlap_comm": True, "reduce_scatter": True, "reduce_bucket_size": 2e8,
                           "contiguous_gradients": True, "cpu_offload": True},
-    "train_batch_size": 16,
-    "train_micro_batch_size_per_gpu": 8,
+    "train_batch_size": 16,  # and no micro-batch size or clipping: the flags' values fill them
     "steps_per_print": 2000,
     "wall_clock_breakdown": False,
 }  # fmt: skip
@@ -179,9 +178,12 @@ def test_however_a_run_is_stopped_every_rank_saves_one_checkpoint_and_the_same_c
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_zero3_trains_in_bf16_and_saves_a_normal_model_folder(folder, tiny_gpt2, lora):
     """--bf16 on a CPU works (the script sets use_cpu); ZeRO-3 gathers the weights at save, or
-    the LoRA adapter, which is then merged into the base model."""
+    the LoRA adapter, which is then merged into the base model. The full run starts as
+    `python run_clm.py --deepspeed ...`, one process and no launcher."""
     out = f"z3-{'lora' if lora else 'full'}"
     argv = command(tiny_gpt2, 1, 4, out, "ds_config_zero3.json", "--max_steps", "4", "--save_strategy", "no")  # fmt: skip
+    if not lora:
+        argv = ["python", *argv[argv.index("run_clm.py") :]]
     log = finish([a for a in argv if a != "--fp16"] + ["--bf16"] + ["--use_peft"] * lora, folder)
     assert "DeepSpeed ZeRO stage 3: DeepSpeedZeroOptimizer_Stage3 over DeepSpeedCPUAdam" in log
     reloaded = AutoModelForCausalLM.from_pretrained(folder / out)
