@@ -18,6 +18,8 @@ import csv
 import hashlib
 import inspect
 import json
+import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -251,26 +253,35 @@ def txt_records(path: str, rule: str | None, paragraphs: bool, keep_linebreaks: 
                     yield {"text": "".join(block).strip("\n"), "start": True, "end": True}
                     block = []
             return
-        carry, first = "", True
-        while chunk := stream.read(PIECE_CHARS * PIECES_PER_CALL):
-            carry += chunk
-            if rule is None:
-                if len(carry) > WHOLE_DOCUMENT_LIMIT:
-                    raise UserError(
-                        f"{path}: over {WHOLE_DOCUMENT_LIMIT >> 30} GiB in one document, and this "
-                        "tokenizer's ids would change if it were cut; split it into documents "
-                        "(`python text2csv.py --split blank_line`) and pass --separate_examples."
-                    )
-                continue
-            *done, carry = pieces(carry, rule)
-            for piece in done:
-                yield {"text": piece, "start": first, "end": False}
-                first = False
-        yield {"text": carry, "start": first, "end": True}
+        yield from document(
+            iter(lambda: stream.read(PIECE_CHARS * PIECES_PER_CALL), ""), rule, path
+        )
+
+
+def document(chunks: Iterable[str], rule: str | None, where: str):
+    """One document, given as successive chunks of its text, as text records of pieces cut where
+    `rule` allows (BOS before the first, EOS after the last): no Arrow cell holds more than a few
+    pieces, and Arrow's 2 GiB limit on one is never reached. Without a rule it is read whole."""
+    carry, first = "", True
+    for chunk in chunks:
+        carry += chunk
+        if rule is None:
+            if len(carry) > WHOLE_DOCUMENT_LIMIT:
+                raise UserError(
+                    f"{where}: over {WHOLE_DOCUMENT_LIMIT >> 30} GiB in one document, and this "
+                    "tokenizer's ids would change if it were cut; split it into documents "
+                    "(`python text2csv.py --split blank_line`) and pass --separate_examples."
+                )
+            continue
+        *done, carry = pieces(carry, rule)
+        for piece in done:
+            yield {"text": piece, "start": first, "end": False}
+            first = False
+    yield {"text": carry, "start": first, "end": True}
 
 
 def csv_records(path: str):
-    csv.field_size_limit(2**31 - 1)  # a whole book in one cell is what text2csv.py writes
+    csv.field_size_limit(sys.maxsize)  # a whole book in one cell is what text2csv.py writes
     with open(path, encoding="utf-8", newline="") as stream:
         reader = csv.DictReader(stream)
         try:
@@ -358,10 +369,19 @@ def generate(
         yield from txt_records(path, rule, paragraphs, keep_linebreaks)
         return
     records = csv_records(path) if kind == "csv" else json_records(path)
+    step = PIECE_CHARS * PIECES_PER_CALL
     for where, record in records:
-        row = checked(record, f"{path}: {where if kind == 'json' else f'line {where}'}", shape)
-        if shape != "text" or row["text"].strip():
+        where = f"{path}: {where if kind == 'json' else f'line {where}'}"
+        row = checked(record, where, shape)
+        if shape == "text" and not row["text"].strip():
+            continue  # an empty cell is no document
+        if shape != "text" or paragraphs:
             yield row
+        else:  # running text: a whole book in one cell is cut as a .txt is
+            text = row["text"]
+            yield from document(
+                (text[i : i + step] for i in range(0, len(text), step)), rule, where
+            )
 
 
 def file_shape(path: str, kind: str) -> str:
@@ -400,7 +420,9 @@ def read_split(flag: str, path: str, data: DataArguments, rule: str | None) -> d
             "paragraphs": data.examples,
             "keep_linebreaks": data.keep_linebreaks,
             "stamp": (str(Path(path).absolute()), stat.st_size, stat.st_mtime_ns),
-            "code": Hasher.hash([inspect.getsource(f) for f in (txt_records, checked, pieces)]),
+            "code": Hasher.hash(
+                [inspect.getsource(f) for f in (generate, txt_records, document, checked, pieces)]
+            ),
         }
         try:
             dataset = datasets.Dataset.from_generator(
@@ -671,6 +693,31 @@ def check_enough_tokens(
             f"{flag} {path or data.dataset_name}: {count} tokens, fewer than one block of {block_size}; "
             f"add text or pass --block_size {fitting}."
         )
+
+
+def model_positions(config) -> int:
+    """How many tokens the model can attend to, whatever its config calls that."""
+    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 1024
+
+
+def pick_block_size(requested: int | None, model_positions: int) -> int:
+    """--block_size, or the model's context up to 1024; never more than the model can attend to."""
+    if requested is None:
+        return min(1024, model_positions)
+    if requested < 1:
+        raise UserError(f"--block_size {requested}: must be a positive number of tokens.")
+    if requested > model_positions:
+        say(
+            PROG,
+            f"warning: --block_size {requested} exceeds the model's {model_positions} positions; "
+            f"using {model_positions}.",
+        )
+        return model_positions
+    return requested
 
 
 def split_for_eval(sets: dict[str, datasets.Dataset], data: DataArguments, seed: int) -> dict:

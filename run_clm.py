@@ -361,28 +361,6 @@ def quantization(lora: LoraArguments):
     )
 
 
-def model_positions(config) -> int:
-    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 1024
-
-
-def pick_block_size(requested: int | None, model_positions: int) -> int:
-    if requested is None:
-        return min(1024, model_positions)
-    if requested < 1:
-        raise UserError(f"--block_size {requested}: must be a positive number of tokens.")
-    if requested > model_positions:
-        say(
-            f"warning: --block_size {requested} exceeds the model's {model_positions} positions; "
-            f"using {model_positions}."
-        )
-        return model_positions
-    return requested
-
-
 def collator_for(model, tokenizer, data, examples: bool):
     if not examples:
         return default_data_collator
@@ -522,7 +500,7 @@ def train_and_evaluate(model_args, lora, data, run, training) -> None:
         training.seed
     )  # a new model's or adapter's first weights, as in HF's script
     model = load_model(model_args, lora, training)
-    block_size = pick_block_size(data.block_size, model_positions(model.config))
+    block_size = clm_data.pick_block_size(data.block_size, clm_data.model_positions(model.config))
     examples = data.examples or any("text" not in split.column_names for split in records.values())
     if examples and tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -203,6 +203,22 @@ def test_a_big_txt_file_is_read_in_pieces_with_bounded_memory(tmp_path, tokenize
     assert rows(tmp_path, "train.txt", text, tokenizer, 512)["input_ids"] == expected
 
 
+def test_a_big_text_in_one_csv_cell_is_cut_into_pieces_too(tmp_path, tokenizers, monkeypatch):
+    """text2csv.py writes a whole file into one cell: a big one is cut as a .txt is, not held in
+    one Arrow cell, and gives the blocks of encoding it whole."""
+    monkeypatch.setattr(clm_data, "PIECE_CHARS", 1 << 10)
+    monkeypatch.setattr(clm_data, "PIECES_PER_CALL", 4)
+    text = (REPO / "train.txt").read_text(encoding="utf-8")[:300_000]
+    cell = 'text\n"' + text.replace('"', '""') + '"\n'
+    tokenizer = tokenizers["llama"]
+    found = records(tmp_path, "train.csv", cell, tokenizer)
+    assert "".join(r["text"] for r in found) == text
+    assert [r["start"] for r in found].count(True) == [r["end"] for r in found].count(True) == 1
+    assert max(len(r["text"]) for r in found) < 3 * (1 << 12)  # a few pieces, not the file
+    expected = as_blocks(whole_stream(tokenizer, [text]), 512)
+    assert rows(tmp_path, "train.csv", cell, tokenizer, 512)["input_ids"] == expected
+
+
 def test_a_document_too_big_to_cut_exactly_is_refused_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(clm_data, "WHOLE_DOCUMENT_LIMIT", 100)
     tokenizer = gpt2_tokenizer()
@@ -383,7 +399,7 @@ def test_a_model_whose_attention_cannot_keep_examples_apart_is_padded_instead(ca
 
 @pytest.mark.parametrize(("requested", "positions", "expected"), [(None, 1024, 1024), (None, 2048, 1024), (None, 128, 128), (512, 1024, 512), (4096, 2048, 2048)])  # fmt: skip
 def test_block_size_defaults_to_the_context_and_is_capped_there(requested, positions, expected):
-    assert run_clm.pick_block_size(requested, positions) == expected
+    assert clm_data.pick_block_size(requested, positions) == expected
 
 
 def test_validation_is_held_out_from_train_when_no_file_is_given():
