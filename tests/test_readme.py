@@ -107,6 +107,11 @@ def test_smoke_run_as_printed(tmp_path: Path):
     assert f"`{summary.group(0)}`" in readme  # what the README says the log says
     assert "DeepSpeed ZeRO stage 2: DeepSpeedZeroOptimizer over DeepSpeedCPUAdam" in training
     assert "perplexity" in training and (folder / "tiny-finetuned" / "loss.png").is_file()
+    claimed = re.search(r"the loss falls\s+from about ([\d.]+) to ([\d.]+)", readme)
+    logged = [float(loss) for loss in re.findall(r"'loss': '([\d.]+)'", training)]
+    assert abs(logged[0] - float(claimed[1])) < 0.2 and abs(logged[-1] - float(claimed[2])) < 0.2, (
+        logged
+    )
     assert "=== GENERATED SEQUENCE 1 (20 new tokens) ===" in sampling
 
 
