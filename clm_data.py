@@ -370,8 +370,8 @@ def generate(
         return
     records = csv_records(path) if kind == "csv" else json_records(path)
     step = PIECE_CHARS * PIECES_PER_CALL
-    for where, record in records:
-        where = f"{path}: {where if kind == 'json' else f'line {where}'}"
+    for at, record in records:
+        where = f"{path}: {at if kind == 'json' else f'line {at}'}"
         row = checked(record, where, shape)
         if shape == "text" and not row["text"].strip():
             continue  # an empty cell is no document
