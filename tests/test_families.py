@@ -51,7 +51,8 @@ def test_each_family_fine_tunes_reloads_and_samples(family, kind, tokenizer, tmp
     before = AutoModelForCausalLM.from_pretrained(base)
     after = AutoModelForCausalLM.from_pretrained(out)  # a normal folder: any adapter is merged
     assert after.config.model_type == family
-    moved = [n for n, w in after.state_dict().items() if not torch.equal(w, before.state_dict()[n])]
+    original = before.state_dict()
+    moved = [n for n, w in after.state_dict().items() if not torch.equal(w, original[n])]
     assert moved, "training changed no weight"
     if kind == "lora":
         log = capsys.readouterr().out
