@@ -6,9 +6,9 @@ states. will_it_fit.py compares a plan with a machine and names changes; docs/pl
 what each item counts and why. Bytes per parameter, weights + gradients + optimizer states:
 - DeepSpeed: its estimators (ZeRO-2 with the optimizer offloaded: 2 on the GPU, 24 in RAM);
   for LoRA they count the adapter, and the frozen 16-bit base adds 2.
-- no DeepSpeed, full fine-tune: the weights' dtype w three times over for AdamW (weights,
-  gradients, two moments at w each: 4w), no fp32 master copy; plus autocast's 16-bit copy of
-  fp32 weights.
+- no DeepSpeed, full fine-tune: the weights' dtype w four times over for AdamW (weights,
+  gradients, two moments at w each: 4w); run_clm.py loads them in fp32 (16 bytes) unless --dtype
+  asks for 16 bits; plus autocast's 16-bit copy of fp32 weights.
 - LoRA: the frozen base at w, and 16 for each adapter parameter (peft keeps it in fp32).
 - QLoRA: 0.516 for each NF4 weight, 4 for the rest (peft upcasts it).
 - 8-bit optimizers: 2 for each trained parameter's states; paged ones count in host RAM.
@@ -80,6 +80,13 @@ class Run:
     lora_r: int = 16
     lora_dropout: float = 0.05
     optim: str | None = None  # None: the Trainer's default AdamW
+    dtype: str = "auto"  # --dtype as given
+
+    def weights(self, model: "Model") -> str:
+        """The dtype the weights train in: fp32 for a full fine-tune without DeepSpeed, unless
+        --dtype names another (run_clm.training_dtype); the load dtype otherwise."""
+        full = not (self.peft or self.deepspeed or self.four_bit) and self.dtype == "auto"
+        return "float32" if full else model.dtype
 
     @property
     def total_gpus(self) -> int:  # ZeRO partitions over all of them
@@ -249,14 +256,16 @@ def deepspeed_items(model: Model, run: Run) -> tuple[Items, Items]:
 
 
 def plain_items(model: Model, run: Run) -> tuple[Items, Items]:
-    """(per GPU, per node) without DeepSpeed. The Trainer trains the weights in their load dtype,
-    with no fp32 master copy (--fp16/--bf16 only autocast); peft keeps the adapter in fp32."""
-    w, n = DTYPES[model.dtype], run.trained(model)
+    """(per GPU, per node) without DeepSpeed. The Trainer trains the weights in their load dtype
+    (fp32 for a full fine-tune unless --dtype says; --fp16/--bf16 only autocast); peft keeps the
+    adapter in fp32."""
+    dtype = run.weights(model)
+    w, n = DTYPES[dtype], run.trained(model)
     if run.four_bit:  # peft's prepare_model_for_kbit_training upcasts what stayed 16-bit to fp32
         gpu = {"4-bit NF4 weights": int(NF4_BYTES * model.quantizable)}
         gpu["unquantized weights, upcast to fp32"] = 4 * (model.params - model.quantizable)
     else:
-        gpu = {f"{'frozen ' * run.peft}weights ({model.dtype})": w * model.params}
+        gpu = {f"{'frozen ' * run.peft}weights ({dtype})": w * model.params}
     tw = 4 if run.peft else w  # bytes of a trained weight, and of its gradient
     if run.peft:
         gpu["LoRA adapter weights (fp32)"] = 4 * n
@@ -300,7 +309,7 @@ def activation_items(model: Model, run: Run) -> Items:
     c, tokens = model.config, run.micro_batch * run.block_size
     layers = c.num_hidden_layers
     # 16-bit under autocast or DeepSpeed, or in a 16-bit model; fp32 otherwise.
-    act = 2 if run.precision != "fp32" or run.zero or DTYPES[model.dtype] == 2 else 4
+    act = 2 if run.precision != "fp32" or run.zero or DTYPES[run.weights(model)] == 2 else 4
     per_token = block_bytes(model, run, act)
     if run.checkpointing:
         # QLoRA: peft's fp32 embeddings make the residual stream between blocks fp32.

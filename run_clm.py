@@ -305,7 +305,7 @@ def load_model(args: ModelArguments, lora: LoraArguments, training: TrainingArgu
             model = AutoModelForCausalLM.from_pretrained(
                 source,
                 config=config,
-                dtype=args.dtype,
+                dtype=training_dtype(args, lora, training),
                 quantization_config=quantization(lora),
                 **hub_options(args),
             )
@@ -346,6 +346,34 @@ def load_model(args: ModelArguments, lora: LoraArguments, training: TrainingArgu
             f"of {total:,} ({100 * trainable / total:.2f}%)"
         )
     return model
+
+
+def training_dtype(args: ModelArguments, lora: LoraArguments, training) -> str:
+    """What the weights train in. A full fine-tune without DeepSpeed keeps them in fp32: the
+    Trainer has no master copy, and an update under 1/256 of a 16-bit weight rounds away
+    (--bf16/--fp16 still compute in 16 bits). DeepSpeed keeps its own fp32 copy; LoRA's adapter is fp32."""
+    if lora.use_peft or training.deepspeed:
+        return args.dtype
+    if args.dtype in ("bfloat16", "float16"):
+        say(
+            f"warning: --dtype {args.dtype} trains every weight in {args.dtype} with no fp32 copy, so "
+            "small updates round away; drop --dtype to train in fp32 and save as the checkpoint was."
+        )
+        return args.dtype
+    return "float32"
+
+
+def saved_dtype(args: ModelArguments) -> torch.dtype:
+    """--dtype, or under auto the dtype the checkpoint was saved in (a new model: fp32)."""
+    if args.dtype != "auto":
+        return getattr(torch, args.dtype)
+    if args.model_name_or_path is None:
+        return torch.float32
+    config = AutoConfig.from_pretrained(
+        args.config_name or args.model_name_or_path, **hub_options(args)
+    )
+    dtype = getattr(torch, config.dtype) if isinstance(config.dtype, str) else config.dtype
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
 def quantization(lora: LoraArguments):
@@ -584,6 +612,13 @@ def train_and_evaluate(model_args, lora, data, run, training) -> None:
                     else stopper.reason
                 )
             )
+        keep = model.dtype if lora.use_peft or training.deepspeed else saved_dtype(model_args)
+        if keep != model.dtype:
+            say(
+                f"weights trained in {model.dtype}, saved in {keep} as the checkpoint was "
+                "(--dtype float32 saves them as trained)."
+            )
+            model.to(keep)  # the eval below then measures what is saved
         trainer.save_model(str(output_dir / "adapter") if lora.use_peft else None)
         results = {**result.metrics, "train_samples": len(train_set)}
         trainer.log_metrics("train", results)

@@ -168,7 +168,7 @@ def render(found: Plan, machine: Machine, passed: list[str]) -> str:
     shape = f"{c.num_hidden_layers} layers, hidden {c.hidden_size}, vocab {c.vocab_size}"
     lines = [
         f"model    {model.name}: {model.params / 1e9:.2f}B parameters, {shape},"
-        f" weights in {model.dtype}, {c._attn_implementation} attention",
+        f" weights in {run.weights(model)}, {c._attn_implementation} attention",
         f"train    {kind}, {'DeepSpeed' if zero else 'no DeepSpeed'}, optimizer {optimizer}",
     ]
     if zero:

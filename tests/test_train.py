@@ -323,3 +323,22 @@ def test_qlora_and_8bit_optimizers_train_on_a_gpu(tmp_path, tiny_llama, flags):
     steps = losses(tmp_path / "out")
     assert steps[6] < steps[1], steps
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.model_type == "llama"
+
+
+def block_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in load_file(folder / "model.safetensors").items() if ".layers." in k and v.dim() == 2}  # fmt: skip
+
+
+def test_a_full_fine_tune_of_a_bf16_model_moves_every_weight_and_saves_bf16(tmp_path, tiny_llama):
+    """Small updates to 16-bit weights round away unless an fp32 copy takes them: the issue's
+    measurement (30 steps at lr 1e-5) moved 15.6% of the block weights in pure bf16."""
+    base = tmp_path / "bf16-llama"
+    AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16).save_pretrained(base)
+    shutil.copy(tiny_llama / "tokenizer.json", base)
+    shutil.copy(tiny_llama / "tokenizer_config.json", base)
+    out = train_in_process(tmp_path, base, "--bf16", "--learning_rate", "1e-5", "--lr_scheduler_type", "constant",
+                           "--max_steps", "30", "--block_size", "32", "--per_device_train_batch_size", "2")  # fmt: skip
+    before, after = block_weights(base), block_weights(out)
+    assert {w.dtype for w in after.values()} == {torch.bfloat16}  # saved as the checkpoint was
+    moved = sum((after[k] != w).sum().item() for k, w in before.items())
+    assert moved / sum(w.numel() for w in before.values()) > 0.9

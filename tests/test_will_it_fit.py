@@ -143,11 +143,15 @@ def llama(dtype=torch.bfloat16) -> torch.nn.Module:
 
 @pytest.mark.parametrize(("build", "dtype"), [(lambda: tiny_model("gpt2", vocab_size=512), "float32"), (llama, "bfloat16")])  # fmt: skip
 def test_full_fine_tune_states_equal_what_a_real_adamw_step_allocates(tmp_path, build, dtype):
-    # Without DeepSpeed the Trainer keeps no fp32 master copy: weights, gradients and AdamW's
-    # two states all in the dtype the weights loaded in.
+    # Without DeepSpeed the Trainer keeps no master copy: weights, gradients and AdamW's two
+    # states all in the dtype the weights train in. run_clm.py loads them in fp32 whatever the
+    # checkpoint's dtype, unless --dtype names one.
     model = build()
     facts = wif.model_facts(saved_config(tmp_path, model, dtype), "auto", (), "auto")
     found = wif.plan(facts, wif.Run(2, 1, 16, 1, 1, "fp32"), V100)
+    assert state_sum(found) == measured_state_bytes(build().float())
+    facts = wif.model_facts(saved_config(tmp_path, model, dtype), "auto", (), dtype)
+    found = wif.plan(facts, wif.Run(2, 1, 16, 1, 1, "fp32", dtype=dtype), V100)
     assert state_sum(found) == measured_state_bytes(model)
 
 
@@ -322,7 +326,7 @@ QLORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 @pytest.mark.parametrize(
     ("flags", "torchtune"),
     [
-        (("--optim", "paged_adamw_8bit"), 18.9),
+        (("--optim", "paged_adamw_8bit", "--dtype", "bfloat16"), 18.9),  # bf16 weights, as theirs
         (("--use_peft", "--lora_dropout", "0", "--lora_target_modules", "q_proj", "v_proj"), 16.2),
         (("--use_peft", "--load_in_4bit", "--lora_dropout", "0", "--lora_target_modules", *QLORA_TARGETS), 7.4),
     ],
