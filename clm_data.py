@@ -14,6 +14,7 @@ A file holds one of three shapes of record, recognised by its fields:
 from __future__ import annotations
 
 import codecs
+import copy
 import csv
 import hashlib
 import inspect
@@ -540,6 +541,10 @@ def tokenize(
 ) -> dict[str, datasets.Dataset]:
     """Records to training rows: blocks of the running text, or one example per record with
     labels -100 wherever the loss should not fall (prompts, user turns, padding)."""
+    # The tokenizer's own length limit means nothing here: long texts are cut into blocks later.
+    # A copy, because the Trainer saves the caller's and user code relies on that limit.
+    tokenizer = copy.copy(tokenizer)
+    tokenizer.model_max_length = int(1e30)
     eos = tokenizer.eos_token_id
     rule = cut_rule(tokenizer)
     before, after = special_ends(tokenizer)
@@ -606,11 +611,14 @@ def tokenize(
         blocks = stream[:usable].reshape(-1, block_size)
         return {"input_ids": blocks, "labels": blocks}
 
-    # The tokenizer's own length limit means nothing here: long texts are cut into blocks later.
-    tokenizer.model_max_length = int(1e30)
     code = Hasher.hash([inspect.getsource(f) for f in (pieces, next_cut, chat_segments, tokenize)])
+    # Everything the ids depend on: the tokenizer's JSON, and what tokenizer_config.json adds to
+    # it (the end-of-text and BOS tokens put around texts and looked for in chats).
     settings = (
         tokenizer_identity(tokenizer),
+        before,
+        closing,
+        tokenizer.bos_token,
         code,
         block_size,
         data.examples,

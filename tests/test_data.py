@@ -10,7 +10,7 @@ import torch
 from tokenizers import AddedToken
 from transformers import AutoTokenizer, DataCollatorWithFlattening, TrainingArguments
 
-from tiny import REPO, gpt2_tokenizer, tiny_model
+from tiny import CHATML, REPO, gpt2_tokenizer, tiny_model
 
 sys.path.insert(0, str(REPO))
 import clm_data
@@ -411,3 +411,37 @@ def test_validation_is_held_out_from_train_when_no_file_is_given():
     assert len(split["train"]) == 45 and len(split["validation"]) == 5
     train_ids = {row[0] for row in split["train"]["input_ids"]}
     assert train_ids.isdisjoint(row[0] for row in split["validation"]["input_ids"])
+
+
+def test_the_cache_sees_every_change_to_the_ids(tmp_path, tokenizers):
+    """Each change that alters the trained ids gets new ids, not a cached run's: the end-of-text
+    token and BOS (from tokenizer_config.json), the chat template, and the loss flags."""
+    import copy
+
+    def fresh_and_cached(name: str, content: str, tokenizer, **options):
+        cached = rows(tmp_path, name, content, tokenizer, 128, **options)
+        fresh = rows(tmp_path, name, content, tokenizer, 128, overwrite_cache=True, **options)
+        return cached[:], fresh[:]
+
+    qwen, llama = tokenizers["qwen2"], tokenizers["llama"]
+    texts = jsonl(*[{"text": "To be, or not to be: that is the question."}] * 40)
+    first, _ = fresh_and_cached("texts.jsonl", texts, qwen)
+    other_eos = copy.deepcopy(qwen)
+    other_eos.eos_token = (
+        "<|endoftext|>"  # a base model's EOS where the instruct one has <|im_end|>
+    )
+    cached, fresh = fresh_and_cached("texts.jsonl", texts, other_eos)
+    assert cached == fresh and cached != first
+    chat, llama = jsonl({"messages": CHAT}), copy.deepcopy(llama)
+    llama.chat_template = "{{ bos_token }}" + CHATML  # as Llama 3's template starts
+    first, _ = fresh_and_cached("chat.jsonl", chat, llama)
+    other_bos = copy.deepcopy(llama)
+    other_bos.bos_token = "</s>"
+    cached, fresh = fresh_and_cached("chat.jsonl", chat, other_bos)
+    assert cached == fresh and cached != first
+    other_template = copy.deepcopy(llama)
+    other_template.chat_template = CHATML
+    cached, fresh = fresh_and_cached("chat.jsonl", chat, other_template)
+    assert cached == fresh and cached != first
+    cached, fresh = fresh_and_cached("chat.jsonl", chat, llama, assistant_only_loss=False)
+    assert cached == fresh and cached != first

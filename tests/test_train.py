@@ -342,3 +342,12 @@ def test_a_full_fine_tune_of_a_bf16_model_moves_every_weight_and_saves_bf16(tmp_
     assert {w.dtype for w in after.values()} == {torch.bfloat16}  # saved as the checkpoint was
     moved = sum((after[k] != w).sum().item() for k, w in before.items())
     assert moved / sum(w.numel() for w in before.values()) > 0.9
+
+
+def test_the_saved_tokenizer_keeps_the_length_limit_it_was_loaded_with(tmp_path, tiny_gpt2):
+    """User code that tokenizes with truncation=True relies on it: GPT-2 has 1024 positions."""
+    base = shutil.copytree(tiny_gpt2, tmp_path / "gpt2")
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    (base / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 1024}))
+    out = train_in_process(tmp_path, base, "--max_steps", "1", "--block_size", "32")
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 1024
