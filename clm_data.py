@@ -117,6 +117,11 @@ class DataArguments:
         True,
         "False: each line of a .txt file is its own document, without its line break (as HF's script).",
     )
+    eos_between_rows: bool = arg(
+        False,
+        "--dataset_name text: an end-of-text token after each row. Default: rows run together as "
+        "the tokenizer encodes them, as in HF's script (right for wikitext's lines).",
+    )
     streaming: bool = arg(False, "Not supported: the data is tokenized once and cached.")
     overwrite_cache: bool = arg(False, "Tokenize again instead of reusing the datasets cache.")
     preprocessing_num_workers: int | None = arg(
@@ -468,7 +473,8 @@ def hub_splits(data: DataArguments, model_args) -> dict[str, datasets.Dataset]:
                     f"(it has: {', '.join(dataset.column_names)})."
                 )
             columns = list(FEATURES[shape])
-            if shape == "text":
+            if shape == "text":  # an empty row (a third of wikitext's) is no document
+                dataset = dataset.filter(lambda rows: [bool(t) for t in rows["text"]], batched=True)
                 dataset = dataset.map(lambda _: {"start": True, "end": True})
             splits[split] = dataset.select_columns(columns).cast(FEATURES[shape])
     if "train" not in splits:
@@ -549,6 +555,8 @@ def tokenize(
     rule = cut_rule(tokenizer)
     before, after = special_ends(tokenizer)
     closing = after if after[-1:] == [eos] else [*after, eos]
+    # HF's script adds nothing to a dataset's rows, which are often lines of one document.
+    text_end = after if data.dataset_name and not data.eos_between_rows else closing
     template = chat_template(tokenizer, data)
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -575,7 +583,7 @@ def tokenize(
         out = []
         for parts, start, end in zip(rows, batch["start"], batch["end"], strict=True):
             head = np.asarray(before if start else [], dtype=np.int32)
-            tail = np.asarray(closing if end else [], dtype=np.int32)
+            tail = np.asarray(text_end if end else [], dtype=np.int32)
             out.append(np.concatenate([head, *parts, tail]))
         return {"input_ids": out}
 
@@ -618,6 +626,7 @@ def tokenize(
         tokenizer_identity(tokenizer),
         before,
         closing,
+        text_end,
         tokenizer.bos_token,
         code,
         block_size,

@@ -106,3 +106,26 @@ def test_a_dataset_that_is_not_there_is_one_line(tmp_path, tiny_gpt2, capsys):
     assert err.startswith(
         "run_clm.py: error: --dataset_name no-such-org/no-such-data: cannot load it"
     )
+
+
+@pytest.mark.parametrize("eos_between_rows", [False, True])
+def test_dataset_rows_give_the_tokens_of_hfs_script(tmp_path, eos_between_rows):
+    """wikitext's layout: lines of articles as rows, a third of them empty. HF's script encodes
+    each row as the tokenizer does (BOS first for Llama) and runs them together; empty rows add
+    nothing here, and --eos_between_rows puts an end-of-text token after each row."""
+    from transformers import TrainingArguments
+
+    import clm_data
+    from tiny import gpt2_tokenizer, llama_tokenizer
+
+    lines = SAMPLE_TEXT.splitlines()
+    rows = [" = Heading = ", *(row for line in lines for row in (line, ""))]
+    datasets.Dataset.from_dict({"text": rows}).save_to_disk(tmp_path / "data")
+    data = clm_data.DataArguments(dataset_name=str(tmp_path / "data"), eos_between_rows=eos_between_rows)  # fmt: skip
+    training = TrainingArguments(str(tmp_path / "out"), report_to="none")
+    for tokenizer in (gpt2_tokenizer(), llama_tokenizer()):
+        splits = clm_data.load_splits(data, tokenizer, run_clm.ModelArguments())
+        blocks = clm_data.tokenize(splits, tokenizer, data, 32, training)["train"]["input_ids"]
+        eos = [tokenizer.eos_token_id] * eos_between_rows
+        stream = [i for row in rows if row for i in tokenizer(row)["input_ids"] + eos]
+        assert blocks == [stream[at : at + 32] for at in range(0, len(stream) - 31, 32)]
