@@ -57,6 +57,8 @@ logging.getLogger("accelerate.accelerator").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
 # On a CPU, accelerate sets the thread count itself and says so; nothing for a user to act on.
 warnings.filterwarnings("ignore", "OMP_NUM_THREADS/MKL_NUM_THREADS unset", UserWarning)
+# peft keeps grown embeddings with the adapter, as it should; run_clm.py says they grew.
+warnings.filterwarnings("ignore", "Setting `save_embedding_layers` to `True`", UserWarning)
 # DeepSpeed 0.19's ZeRO-3 calls collectives that torch 2.13 renamed: theirs to settle, not yours.
 warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
 
@@ -286,13 +288,17 @@ def load_tokenizer(args: ModelArguments):
     return tokenizer
 
 
-def load_model(args: ModelArguments, lora: LoraArguments, training: TrainingArguments):
+def load_model(args: ModelArguments, lora: LoraArguments, training: TrainingArguments, tokenizer):
     source = args.model_name_or_path
     try:
         if source is None:
             config = AutoConfig.for_model(args.model_type)
             if args.config_overrides:
                 config.update_from_string(args.config_overrides)
+            # A new model stops where its tokenizer's text ends, not at the config class's default.
+            for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                if getattr(tokenizer, name) is not None:
+                    setattr(config, name, getattr(tokenizer, name))
             say(
                 f"training a new {args.model_type} from scratch: {config.to_json_string(use_diff=True)}"
             )
@@ -319,6 +325,15 @@ def load_model(args: ModelArguments, lora: LoraArguments, training: TrainingArgu
             f"--model_name_or_path {source}: not a causal language model ({kind}); use GPT-2, GPT-Neo, "
             "Llama, Qwen, Mistral, Gemma, Phi or another causal LM."
         ) from None
+    # A tokenizer with more ids than the model has embeddings (another family's, or added
+    # tokens) would index past them: grow them, as HF's script does. vocab_size, because ZeRO-3
+    # has already split the weights.
+    if len(tokenizer) > model.config.get_text_config().vocab_size:
+        say(
+            f"the tokenizer has {len(tokenizer)} ids and the model "
+            f"{model.config.get_text_config().vocab_size} embeddings: adding the missing ones."
+        )
+        model.resize_token_embeddings(len(tokenizer))
     # Recomputed activations and a KV cache do not mix; training never needs the cache.
     model.config.use_cache = False
     model.loss_type = "ForCausalLM"  # what transformers falls back to anyway, with a warning
@@ -495,6 +510,8 @@ def save_merged(model_args: ModelArguments, tokenizer, output_dir: Path) -> None
     base = AutoModelForCausalLM.from_pretrained(
         model_args.model_name_or_path, dtype=model_args.dtype, **hub_options(model_args)
     )
+    if len(tokenizer) > base.config.get_text_config().vocab_size:  # peft saved the grown ones
+        base.resize_token_embeddings(len(tokenizer))
     merged = PeftModel.from_pretrained(base, output_dir / "adapter").merge_and_unload()
     merged.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
@@ -527,7 +544,7 @@ def train_and_evaluate(model_args, lora, data, run, training) -> None:
     transformers.set_seed(
         training.seed
     )  # a new model's or adapter's first weights, as in HF's script
-    model = load_model(model_args, lora, training)
+    model = load_model(model_args, lora, training, tokenizer)
     block_size = clm_data.pick_block_size(data.block_size, clm_data.model_positions(model.config))
     examples = data.examples or any("text" not in split.column_names for split in records.values())
     if examples and tokenizer.pad_token_id is None:

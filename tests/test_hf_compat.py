@@ -129,3 +129,30 @@ def test_dataset_rows_give_the_tokens_of_hfs_script(tmp_path, eos_between_rows):
         eos = [tokenizer.eos_token_id] * eos_between_rows
         stream = [i for row in rows if row for i in tokenizer(row)["input_ids"] + eos]
         assert blocks == [stream[at : at + 32] for at in range(0, len(stream) - 31, 32)]
+
+
+def test_a_new_model_and_an_adapter_take_the_tokenizers_vocabulary(sample_text, tmp_path, tiny_gpt2, tiny_llama):  # fmt: skip
+    """A Llama built from scratch with GPT-2's tokenizer (50257 ids against Llama's 32000), and a
+    LoRA run on a model whose tokenizer gained tokens: the embeddings grow, as in HF's script."""
+    from transformers import AutoTokenizer
+
+    argv = ["--model_type", "llama", "--tokenizer_name", str(tiny_gpt2), "--train_file", sample_text,
+            "--config_overrides", "hidden_size=32,intermediate_size=64,num_hidden_layers=1,num_attention_heads=2,num_key_value_heads=2",
+            "--do_train", "--max_steps", "2", "--block_size", "32", "--output_dir", str(tmp_path / "new")]  # fmt: skip
+    run_clm.main(argv)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "new")
+    assert model.config.vocab_size == 50257 and model.generation_config.eos_token_id == 50256
+    grown = tmp_path / "grown"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.add_tokens(["<|tool|>", "<|answer|>"])
+    tokenizer.save_pretrained(grown)
+    for name in ("config.json", "model.safetensors"):
+        (grown / name).write_bytes((tiny_llama / name).read_bytes())
+    text = tmp_path / "tools.txt"
+    text.write_text("<|tool|> look it up <|answer|> Marlowe.\n" * 100, encoding="utf-8")
+    run_clm.main(["--model_name_or_path", str(grown), "--train_file", str(text), "--use_peft", "--do_train",
+                  "--max_steps", "2", "--block_size", "32", "--output_dir", str(tmp_path / "lora")])  # fmt: skip
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "lora")
+    assert merged.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    ids = torch.tensor([tokenizer("<|tool|> look it up <|answer|>")["input_ids"]])
+    assert torch.isfinite(merged(ids).logits).all()
