@@ -246,7 +246,7 @@ def check_file(path: str) -> str:
 
 def txt_records(path: str, rule: str | None, paragraphs: bool, keep_linebreaks: bool):
     """A .txt file as text records: one document read in pieces, its paragraphs, or its lines."""
-    with open(path, encoding="utf-8") as stream:
+    with open(path, encoding="utf-8-sig") as stream:
         if paragraphs or not keep_linebreaks:
             block: list[str] = []
             for line in [*stream, ""]:
@@ -288,7 +288,7 @@ def document(chunks: Iterable[str], rule: str | None, where: str):
 
 def csv_records(path: str):
     csv.field_size_limit(sys.maxsize)  # a whole book in one cell is what text2csv.py writes
-    with open(path, encoding="utf-8", newline="") as stream:
+    with open(path, encoding="utf-8-sig", newline="") as stream:
         reader = csv.DictReader(stream)
         try:
             for row in reader:
@@ -298,7 +298,7 @@ def csv_records(path: str):
 
 
 def json_records(path: str):
-    with open(path, encoding="utf-8") as stream:
+    with open(path, encoding="utf-8-sig") as stream:
         head = stream.read(1 << 16).lstrip()
         stream.seek(0)
         if head.startswith("["):
@@ -395,7 +395,7 @@ def file_shape(path: str, kind: str) -> str:
     if kind == "txt":
         return "text"
     if kind == "csv":
-        with open(path, encoding="utf-8", newline="") as stream:
+        with open(path, encoding="utf-8-sig", newline="") as stream:
             header = next(csv.reader(stream), [])
         shape = shape_of(dict.fromkeys(header))
         if shape in (None, "chat"):

@@ -89,6 +89,17 @@ def test_csv_cell_keeps_line_breaks(tmp_path):
     assert [r["text"] for r in records(tmp_path, "train.csv", content)] == [TEXT]
 
 
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [("excel.csv", "text\nOne.\nTwo.\n"), ("train.jsonl", jsonl({"text": "One."}, {"text": "Two."})),
+     ("train.txt", "One.\n\nTwo.\n")],
+)  # fmt: skip
+def test_a_byte_order_mark_is_read_past_not_trained(tmp_path, name, content):
+    """Excel's "CSV UTF-8" and Notepad start a file with U+FEFF; it is not part of the text."""
+    found = records(tmp_path, name, "\ufeff" + content, separate_examples=True)
+    assert [r["text"] for r in found] == ["One.", "Two."]
+
+
 def test_csv_cells_that_look_like_missing_values_or_numbers_stay_text(tmp_path):
     assert [r["text"] for r in records(tmp_path, "train.csv", "text\nNA\nnull\n")] == ["NA", "null"]
     assert [r["text"] for r in records(tmp_path, "t2.csv", "text\n1599\n1600\n")] == [
