@@ -367,7 +367,7 @@ def training_dtype(args: ModelArguments, lora: LoraArguments, training) -> str:
     """What the weights train in. A full fine-tune without DeepSpeed keeps them in fp32: the
     Trainer has no master copy, and an update under 1/256 of a 16-bit weight rounds away
     (--bf16/--fp16 still compute in 16 bits). DeepSpeed keeps its own fp32 copy; LoRA's adapter is fp32."""
-    if lora.use_peft or training.deepspeed:
+    if lora.use_peft or training.deepspeed or not training.do_train:
         return args.dtype
     if args.dtype in ("bfloat16", "float16"):
         say(
@@ -641,6 +641,17 @@ def train_and_evaluate(model_args, lora, data, run, training) -> None:
         trainer.log_metrics("train", results)
         trainer.save_metrics("train", results, combined=False)
         trainer.save_state()
+        if lora.use_peft and not training.deepspeed:
+            # The folder holds the adapter merged into the 16-bit base, which is not the model
+            # that trained (QLoRA's was 4-bit): the eval below measures the merged one.
+            if trainer.is_world_process_zero():
+                save_merged(model_args, tokenizer, output_dir)
+            trainer.accelerator.wait_for_everyone()
+            trainer.accelerator.free_memory()  # the trained model and its optimizer
+            trainer.optimizer = trainer.lr_scheduler = model = None
+            trainer.model = trainer.model_wrapped = AutoModelForCausalLM.from_pretrained(
+                output_dir, dtype="auto"
+            ).to(training.device)
 
     if training.do_eval:
         metrics = trainer.evaluate()
@@ -653,7 +664,7 @@ def train_and_evaluate(model_args, lora, data, run, training) -> None:
         results.update(metrics)
 
     if trainer.is_world_process_zero():
-        if training.do_train and lora.use_peft:
+        if training.do_train and lora.use_peft and training.deepspeed:
             save_merged(model_args, tokenizer, output_dir)
         if training.do_train:
             plot_losses(trainer.state.log_history, output_dir / "loss.png")

@@ -323,6 +323,15 @@ def test_qlora_and_8bit_optimizers_train_on_a_gpu(tmp_path, tiny_llama, flags):
     steps = losses(tmp_path / "out")
     assert steps[6] < steps[1], steps
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.model_type == "llama"
+    if (
+        "--load_in_4bit" in flags
+    ):  # the eval figures are the saved 16-bit model's, not the 4-bit one's
+        evaluate = ["--validation_file", "train.txt", "--do_eval", "--block_size", "64", "--bf16"]
+        done = run([*replace_flag(argv, "--output_dir", "out-eval"), *evaluate], cwd=tmp_path)
+        again = run(["python", str(REPO / "run_clm.py"), "--model_name_or_path", "out-eval", "--output_dir", "again", *evaluate], cwd=tmp_path)  # fmt: skip
+        assert done.returncode == again.returncode == 0, done.stderr[-3000:] + again.stderr[-3000:]
+        figures = [json.loads((tmp_path / d / "all_results.json").read_text())["eval_loss"] for d in ("out-eval", "again")]  # fmt: skip
+        assert figures[0] == pytest.approx(figures[1], rel=1e-4), figures
 
 
 def block_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -351,3 +360,23 @@ def test_the_saved_tokenizer_keeps_the_length_limit_it_was_loaded_with(tmp_path,
     (base / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 1024}))
     out = train_in_process(tmp_path, base, "--max_steps", "1", "--block_size", "32")
     assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 1024
+
+
+def test_a_lora_runs_eval_figures_describe_the_saved_model(tmp_path, tiny_llama):
+    """The folder holds the adapter merged into the 16-bit base (for QLoRA, not the 4-bit model
+    that trained): all_results.json gives that model's eval loss, as evaluating the folder does."""
+    base = tmp_path / "bf16-llama"
+    AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16).save_pretrained(base)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_llama / name, base)
+    (tmp_path / "valid.txt").write_text(
+        (REPO / "validation.txt").read_text(encoding="utf-8")[:8000]
+    )
+    common = ["--validation_file", str(tmp_path / "valid.txt"), "--do_eval", "--block_size", "32", "--bf16"]  # fmt: skip
+    out = train_in_process(tmp_path, base, "--use_peft", "--max_steps", "4", "--learning_rate", "1e-2", *common)  # fmt: skip
+    trained = json.loads((out / "all_results.json").read_text())["eval_loss"]
+    run_clm.main(
+        ["--model_name_or_path", str(out), "--output_dir", str(tmp_path / "again"), *common]
+    )
+    again = json.loads((tmp_path / "again" / "all_results.json").read_text())["eval_loss"]
+    assert trained == again  # the same model, data and batches: the same figure to the last bit
