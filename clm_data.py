@@ -32,13 +32,15 @@ import pyarrow.compute as pc
 import tokenizers
 import torch
 from datasets.fingerprint import Hasher
+from jinja2 import TemplateError
 
+import chats
 from common import UserError, arg, say
 
 PROG = "run_clm.py"
 EXTENSIONS = {".csv": "csv", ".txt": "txt", ".json": "json", ".jsonl": "json"}
 DEFAULT_CHAT_TEMPLATE = Path(__file__).with_name("chat_template.jinja")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 FEATURES = {
     "text": datasets.Features(
         {
@@ -50,8 +52,9 @@ FEATURES = {
     "completion": datasets.Features(
         {"prompt": datasets.Value("string"), "completion": datasets.Value("string")}
     ),
+    # As JSON: tool calls' arguments and tool schemas have no fixed Arrow type.
     "chat": datasets.Features(
-        {"messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}]}
+        {"messages": datasets.Value("string"), "tools": datasets.Value("string")}
     ),
 }
 # Long texts are tokenized as pieces of about this many characters, cut where the tokenizer
@@ -353,18 +356,25 @@ def checked(record: Any, where: str, shape: str) -> dict:
         if not completion.strip():
             raise UserError(f"{where}: the completion is empty; give every prompt its answer.")
         return {"prompt": prompt, "completion": completion}
-    messages = record["messages"]
+    messages, tools = record["messages"], record.get("tools")
     if not isinstance(messages, list) or not messages:
         raise UserError(f"{where}: messages must be a non-empty list of {{role, content}}.")
     for turn in messages:
         if not isinstance(turn, dict) or turn.get("role") not in ROLES:
             role = turn.get("role") if isinstance(turn, dict) else turn
             raise UserError(f"{where}: unknown role {role!r}; use one of {', '.join(ROLES)}.")
-        if not isinstance(turn.get("content"), str):
-            raise UserError(f"{where}: every message needs a string `content`.")
+        calls = turn.get("tool_calls")
+        if calls is not None and not isinstance(calls, list):
+            raise UserError(f"{where}: tool_calls must be a list of {{type, function}} calls.")
+        if not (isinstance(turn.get("content"), str) or calls):
+            raise UserError(f"{where}: every message needs a string `content` (or tool_calls).")
     if not any(turn["role"] == "assistant" for turn in messages):
         raise UserError(f"{where}: no assistant message, so nothing to learn; add the answer.")
-    return {"messages": [{"role": t["role"], "content": t["content"]} for t in messages]}
+    if tools is not None and not isinstance(tools, list):
+        raise UserError(f"{where}: tools must be a list of function schemas.")
+    # Fields a template does not know stay; None (what Arrow gives absent fields) goes.
+    clean = [{k: v for k, v in turn.items() if v is not None} for turn in messages]
+    return {"messages": json.dumps(clean), "tools": json.dumps(tools or [])}
 
 
 def generate(
@@ -473,6 +483,12 @@ def hub_splits(data: DataArguments, model_args) -> dict[str, datasets.Dataset]:
                     f"(it has: {', '.join(dataset.column_names)})."
                 )
             columns = list(FEATURES[shape])
+            if shape == "chat":  # checked as files' records are, and stored the same way
+                where = f"--dataset_name {name}: {wanted} row"
+                dataset = dataset.map(
+                    lambda row, at, where=where: checked(row, f"{where} {at + 1}", "chat"),
+                    with_indices=True, remove_columns=dataset.column_names,
+                )  # fmt: skip
             if shape == "text":  # an empty row (a third of wikitext's) is no document
                 dataset = dataset.filter(lambda rows: [bool(t) for t in rows["text"]], batched=True)
                 dataset = dataset.map(lambda _: {"start": True, "end": True})
@@ -518,30 +534,6 @@ def chat_template(tokenizer, data: DataArguments) -> str:
     return tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE.read_text(encoding="utf-8")
 
 
-def chat_segments(messages: list[dict], tokenizer, template: str) -> list[tuple[str, bool]]:
-    """The rendered chat as (text, is an assistant turn) pieces, from renders of its prefixes."""
-
-    def render(turns: list[dict], prompt: bool) -> str:
-        return tokenizer.apply_chat_template(
-            turns, chat_template=template, tokenize=False, add_generation_prompt=prompt
-        )
-
-    segments, done = [], ""
-    for at, turn in enumerate(messages):
-        if turn["role"] != "assistant":
-            continue
-        head, upto = render(messages[:at], True), render(messages[: at + 1], False)
-        if not (head.startswith(done) and upto.startswith(head)):
-            raise UserError(
-                "the chat template does not render a conversation turn by turn (each render a "
-                "prefix of the next); pass --chat_template FILE with one that does."
-            )
-        segments += [(head[len(done) :], False), (upto[len(head) :], True)]
-        done = upto
-    whole = render(messages, False)
-    return [*segments, (whole[len(done) :], False)] if whole.startswith(done) else segments
-
-
 def tokenize(
     splits: dict[str, datasets.Dataset], tokenizer, data: DataArguments, block_size: int, training
 ) -> dict[str, datasets.Dataset]:
@@ -558,6 +550,10 @@ def tokenize(
     # HF's script adds nothing to a dataset's rows, which are often lines of one document.
     text_end = after if data.dataset_name and not data.eos_between_rows else closing
     template = chat_template(tokenizer, data)
+    chat = any("messages" in split.column_names for split in splits.values())
+    form = chats.chat_format(tokenizer, template) if chat else None
+    if form and form.fold_system:
+        say(PROG, "the chat template has no system role: a system message opens the first user turn instead, as the family's documentation advises.")  # fmt: skip
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
 
@@ -587,14 +583,28 @@ def tokenize(
             out.append(np.concatenate([head, *parts, tail]))
         return {"input_ids": out}
 
-    def encode_example(record: dict) -> dict:
+    def encode_example(record: dict, at: int) -> dict:
         if "messages" in record:
-            segments = chat_segments(record["messages"], tokenizer, template)
-            only, tail = data.assistant_only_loss, []
+            tools = json.loads(record["tools"]) or None
+            try:
+                tokens, trained = chats.encode(
+                    tokenizer, form, json.loads(record["messages"]), tools
+                )
+            except TemplateError as error:
+                raise UserError(
+                    f"record {at + 1}: the chat template refuses it: {error.message}"
+                ) from None
+            if not data.assistant_only_loss:
+                trained = [True] * len(tokens)
             # A template without the BOS text still gets the BOS the tokenizer puts first.
-            bos = tokenizer.bos_token
-            head = before if not (bos and segments and segments[0][0].startswith(bos)) else []
-        elif "prompt" in record:
+            bos = tokenizer.bos_token_id
+            head = before if not (bos is not None and tokens[:1] == [bos]) else []
+            input_ids = [*head, *tokens]
+            labels = [-100] * len(head) + [
+                t if on else -100 for t, on in zip(tokens, trained, strict=True)
+            ]
+            return cut_example(input_ids, labels)
+        if "prompt" in record:
             segments = [(record["prompt"], False), (record["completion"], True)]
             only, head, tail = data.completion_only_loss, before, closing
         else:
@@ -604,8 +614,11 @@ def tokenize(
             part = ids([text])[0] if text else []
             input_ids += part
             labels += part if trained or not only else [-100] * len(part)
-        input_ids, labels = input_ids + tail, labels + tail
-        return {"input_ids": input_ids[:block_size], "labels": labels[:block_size]}
+        return cut_example(input_ids + tail, labels + tail)
+
+    def cut_example(input_ids: list[int], labels: list[int]) -> dict:
+        lost = any(label != -100 for label in labels[block_size:])
+        return {"input_ids": input_ids[:block_size], "labels": labels[:block_size], "lost": lost}
 
     carry = [np.empty(0, dtype=np.int32)]  # the tokens of one batch that start the next block
 
@@ -619,7 +632,7 @@ def tokenize(
         blocks = stream[:usable].reshape(-1, block_size)
         return {"input_ids": blocks, "labels": blocks}
 
-    code = Hasher.hash([inspect.getsource(f) for f in (pieces, next_cut, chat_segments, tokenize)])
+    code = Hasher.hash([inspect.getsource(f) for f in (pieces, next_cut, tokenize, chats)])
     # Everything the ids depend on: the tokenizer's JSON, and what tokenizer_config.json adds to
     # it (the end-of-text and BOS tokens put around texts and looked for in chats).
     settings = (
@@ -643,21 +656,31 @@ def tokenize(
         }
         fingerprint = Hasher.hash((dataset._fingerprint, settings))
         if data.examples or "text" not in dataset.column_names:
-            rows = dataset.map(
-                encode_example,
-                remove_columns=dataset.column_names,
-                new_fingerprint=fingerprint,
-                desc="Tokenizing examples",
-                **options,
-            )
+            try:
+                rows = dataset.map(
+                    encode_example,
+                    with_indices=True,
+                    remove_columns=dataset.column_names,
+                    new_fingerprint=fingerprint,
+                    desc="Tokenizing examples",
+                    **options,
+                )
+            except UserError as error:
+                raise UserError(f"{source(split, data)}: {error}") from None
             kept = rows.filter(lambda row: any(label != -100 for label in row["labels"][1:]))
-            if len(kept) < len(rows):
+            lost = sum(rows["lost"])
+            if not len(kept):
+                raise UserError(
+                    f"{source(split, data)}: all {len(rows)} examples lose what they train past "
+                    f"--block_size {block_size}; raise --block_size or shorten the examples."
+                )
+            if lost:
                 say(
                     PROG,
-                    f"{split}: dropped {len(rows) - len(kept)} example(s) whose answer lies past "
-                    f"--block_size {block_size}.",
+                    f"{split}: {lost} of {len(rows)} example(s) lose trained tokens past --block_size "
+                    f"{block_size}; {len(rows) - len(kept)} kept nothing to train and were dropped.",
                 )
-            done[split] = kept
+            done[split] = kept.remove_columns("lost")
             continue
         encoded = dataset.map(
             encode_text,
@@ -702,14 +725,20 @@ def check_enough_tokens(
     count = int(pc.sum(pc.list_value_length(ids.data.column("input_ids"))).as_py() or 0)
     if count < block_size:
         fitting = 1 << max(0, count.bit_length() - 1)
-        flag, path = {
-            "train": ("--train_file", data.train_file),
-            "validation": ("--validation_file", data.validation_file),
-        }[split]
         raise UserError(
-            f"{flag} {path or data.dataset_name}: {count} tokens, fewer than one block of {block_size}; "
+            f"{source(split, data)}: {count} tokens, fewer than one block of {block_size}; "
             f"add text or pass --block_size {fitting}."
         )
+
+
+def source(split: str, data: DataArguments) -> str:
+    """Where a split's records come from, as the user named it."""
+    if data.dataset_name:
+        return f"--dataset_name {data.dataset_name}"
+    return {
+        "train": f"--train_file {data.train_file}",
+        "validation": f"--validation_file {data.validation_file}",
+    }[split]
 
 
 def model_positions(config) -> int:

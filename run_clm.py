@@ -43,6 +43,7 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
+import chats
 import checkpoints
 import clm_data
 import deepspeed_json
@@ -501,7 +502,7 @@ def close_progress_bars(trainer: Trainer) -> None:
             callback.training_bar = None
 
 
-def save_merged(model_args: ModelArguments, tokenizer, output_dir: Path) -> None:
+def save_merged(model_args: ModelArguments, tokenizer, output_dir: Path, generation) -> None:
     """Merge the trained adapter into a fresh copy of the base model and save that (rank 0)."""
     from peft import PeftModel
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -513,6 +514,7 @@ def save_merged(model_args: ModelArguments, tokenizer, output_dir: Path) -> None
     if len(tokenizer) > base.config.get_text_config().vocab_size:  # peft saved the grown ones
         base.resize_token_embeddings(len(tokenizer))
     merged = PeftModel.from_pretrained(base, output_dir / "adapter").merge_and_unload()
+    merged.generation_config = generation  # the trained run's, with its stop tokens
     merged.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     say(f"LoRA adapter merged into {output_dir}; the adapter alone is in {output_dir / 'adapter'}")
@@ -557,6 +559,8 @@ def train_and_evaluate(model_args, lora, data, run, training) -> None:
         tokenizer.chat_template = clm_data.chat_template(tokenizer, data)
     with training.main_process_first(desc="tokenizing"):
         sets = clm_data.tokenize(records, tokenizer, data, block_size, training)
+    if any("messages" in split.column_names for split in records.values()):
+        chats.stop_at_turn_end(model.generation_config, tokenizer)
     if training.do_eval:
         sets = clm_data.split_for_eval(sets, data, training.seed)
     train_set = sets.get("train") if training.do_train else None
@@ -645,7 +649,7 @@ def train_and_evaluate(model_args, lora, data, run, training) -> None:
             # The folder holds the adapter merged into the 16-bit base, which is not the model
             # that trained (QLoRA's was 4-bit): the eval below measures the merged one.
             if trainer.is_world_process_zero():
-                save_merged(model_args, tokenizer, output_dir)
+                save_merged(model_args, tokenizer, output_dir, model.generation_config)
             trainer.accelerator.wait_for_everyone()
             trainer.accelerator.free_memory()  # the trained model and its optimizer
             trainer.optimizer = trainer.lr_scheduler = model = None
@@ -665,7 +669,7 @@ def train_and_evaluate(model_args, lora, data, run, training) -> None:
 
     if trainer.is_world_process_zero():
         if training.do_train and lora.use_peft and training.deepspeed:
-            save_merged(model_args, tokenizer, output_dir)
+            save_merged(model_args, tokenizer, output_dir, model.generation_config)
         if training.do_train:
             plot_losses(trainer.state.log_history, output_dir / "loss.png")
             say(f"loss curve: {output_dir / 'loss.png'}")

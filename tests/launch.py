@@ -14,6 +14,7 @@ from tiny import REPO
 SCRIPTS = [
     "run_clm.py",
     "clm_data.py",
+    "chats.py",
     "checkpoints.py",
     "common.py",
     "deepspeed_json.py",

@@ -10,20 +10,13 @@ import torch
 from tokenizers import AddedToken
 from transformers import AutoTokenizer, DataCollatorWithFlattening, TrainingArguments
 
-from tiny import CHATML, REPO, gpt2_tokenizer, tiny_model
+from tiny import CHAT, CHATML, REPO, gpt2_tokenizer, tiny_model
 
 sys.path.insert(0, str(REPO))
 import clm_data
 import run_clm
 
 TEXT = "ROMEO:\nBut, soft! what light through yonder window breaks?\n\nJULIET:\nAy me!\n"
-CHAT = [
-    {"role": "system", "content": "Answer in a word."},
-    {"role": "user", "content": "Who wrote Hamlet?"},
-    {"role": "assistant", "content": "Shakespeare."},
-    {"role": "user", "content": "And Faustus?"},
-    {"role": "assistant", "content": "Marlowe."},
-]
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +111,9 @@ def test_jsonl_and_json_records_of_each_shape(tmp_path):
     assert records(tmp_path, "b.json", json.dumps(pairs)) == pairs
     csv_pairs = 'prompt,completion\n"Q: 2+2?\nA:", 4\n'
     assert records(tmp_path, "c.csv", csv_pairs) == [{"prompt": "Q: 2+2?\nA:", "completion": " 4"}]
-    assert records(tmp_path, "d.jsonl", jsonl({"messages": CHAT})) == [{"messages": CHAT}]
+    # Chats are kept as JSON: tool calls' arguments have no fixed Arrow type.
+    [chat] = records(tmp_path, "d.jsonl", jsonl({"messages": CHAT}))
+    assert json.loads(chat["messages"]) == CHAT and json.loads(chat["tools"]) == []
 
 
 # ---------------------------------------------------------------- long texts, cut exactly
@@ -338,15 +333,23 @@ def test_separate_text_examples_never_see_each_other(tmp_path):
     assert found["input_ids"] == [(tokenizer(t)["input_ids"] + [eos])[:8] for t in examples]
 
 
-def test_an_answer_past_the_block_size_drops_the_example(tmp_path, capsys):
+def test_answers_cut_by_the_block_size_are_counted_and_never_dropped_silently(tmp_path, capsys):
     pairs = jsonl(
-        {"prompt": "word " * 50, "completion": " yes"}, {"prompt": "Q:", "completion": " no"}
-    )
+        {"prompt": "word " * 50, "completion": " yes"}, {"prompt": "Q:", "completion": " no"},
+        {"prompt": "Q:", "completion": " no" * 30},
+    )  # fmt: skip
     found = rows(tmp_path, "train.jsonl", pairs, gpt2_tokenizer(), 16)
-    assert len(found) == 1
+    assert len(found) == 2  # the one with nothing left to train is dropped, the cut one kept
     assert (
-        "train: dropped 1 example(s) whose answer lies past --block_size 16."
-        in capsys.readouterr().out
+        "train: 2 of 3 example(s) lose trained tokens past --block_size 16; 1 kept nothing to "
+        "train and were dropped." in capsys.readouterr().out
+    )
+    chat = jsonl({"messages": [{"role": "user", "content": "word " * 50}, {"role": "assistant", "content": "yes"}]})  # fmt: skip
+    with pytest.raises(clm_data.UserError) as error:
+        rows(tmp_path, "chat.jsonl", chat, gpt2_tokenizer(), 16)
+    assert str(error.value).endswith(
+        "chat.jsonl: all 1 examples lose what they train past --block_size 16; raise "
+        "--block_size or shorten the examples."
     )
 
 

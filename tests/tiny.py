@@ -40,6 +40,14 @@ OTHER_FAMILIES = {
 FAMILIES = ("gpt2", "gpt_neo", "llama", "qwen2", *OTHER_FAMILIES)
 # Qwen2's pre-tokenizer pattern, as its tokenizer.json has it.
 QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+# A chat with a system prompt and two exchanges, as tests of chat data use it.
+CHAT = [
+    {"role": "system", "content": "Answer in a word."},
+    {"role": "user", "content": "Who wrote Hamlet?"},
+    {"role": "assistant", "content": "Shakespeare."},
+    {"role": "user", "content": "And Faustus?"},
+    {"role": "assistant", "content": "Marlowe."},
+]
 CHATML = (
     "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] "
     "+ '<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"

@@ -1,0 +1,143 @@
+"""Chat records to token ids and a loss mask, under the chat template the model family ships.
+
+The loss falls on what the assistant says, as the whole conversation renders it, up to and
+including the token that ends its turn, so the model learns to stop. TRL keeps, for the families
+whose templates re-render history (Qwen3, Phi-3.5, DeepSeek-V3, gpt-oss, Nemotron, ...), a
+training twin with `{% generation %}` markers around each assistant turn; transformers then gives
+the mask of those spans over the conversation tokenized whole. A template that TRL has no twin
+for but that renders a chat as a series of prefixes (Llama 3.1, Mistral, a plain ChatML) gets the
+same mask from renders of the chat's prefixes. Either way the ids are those of the whole render,
+as the model sees them at inference.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from jinja2 import TemplateError
+from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+from common import UserError
+
+PROBE = [
+    {"role": "user", "content": "Who wrote Hamlet?"},
+    {"role": "assistant", "content": "Shakespeare."},
+    {"role": "user", "content": "And Faustus?"},
+    {"role": "assistant", "content": "Marlowe."},
+]
+NOT_PREFIX = (
+    "the chat template re-renders earlier turns and TRL has no training version of it; pass "
+    "--chat_template FILE with {% generation %} ... {% endgeneration %} around each assistant "
+    "turn (docs/data.md)"
+)
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    template: str  # what records render with
+    marked: bool  # it has {% generation %} markers: transformers computes the mask
+    fold_system: bool  # the family has no system role (Gemma 1 and 2)
+
+
+def render(tokenizer, form: ChatFormat, messages: list[dict], prompt: bool = False, tools=None):
+    return tokenizer.apply_chat_template(
+        messages, tools=tools, chat_template=form.template, tokenize=False,
+        add_generation_prompt=prompt,
+    )  # fmt: skip
+
+
+def chat_format(tokenizer, template: str) -> ChatFormat:
+    """How to render and mask chats for this template, checked once on a probe chat."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError(
+            "chat data needs the fast tokenizer (its character offsets place the loss); "
+            "drop --use_fast_tokenizer False."
+        )
+    probe = copy.copy(tokenizer)
+    probe.chat_template = template
+    marked = has_generation_markers(template)
+    if not marked:
+        try:
+            twin = get_training_chat_template(probe)
+        except (ValueError, TemplateError, TypeError):
+            twin = None  # none kept for this family: the prefix renders must do
+        template, marked = (twin, True) if twin else (template, False)
+    form = ChatFormat(template, marked, fold_system=False)
+    system = [{"role": "system", "content": "Answer in a word."}]
+    try:
+        render(tokenizer, form, system + PROBE)
+    except TemplateError:
+        form = ChatFormat(template, marked, fold_system=True)
+    try:
+        encode(tokenizer, form, system + PROBE)
+    except TemplateError as error:
+        raise UserError(f"the chat template fails on a plain chat ({error.message}).") from None
+    return form
+
+
+def folded(messages: list[dict]) -> list[dict]:
+    """A system message as the head of the first user turn, as Gemma's documentation advises."""
+    if not messages or messages[0]["role"] != "system":
+        return messages
+    system, rest = messages[0]["content"], messages[1:]
+    if rest and rest[0]["role"] == "user":
+        return [{**rest[0], "content": f"{system}\n\n{rest[0]['content']}"}, *rest[1:]]
+    return [{"role": "user", "content": system}, *rest]
+
+
+def prefix_spans(tokenizer, form: ChatFormat, messages: list[dict], tools) -> list[range]:
+    """The characters of each assistant turn in the whole render, from renders of its prefixes."""
+    spans, done = [], ""
+    for at, turn in enumerate(messages):
+        if turn["role"] != "assistant":
+            continue
+        head = render(tokenizer, form, messages[:at], True, tools)
+        upto = render(tokenizer, form, messages[: at + 1], False, tools)
+        if not (head.startswith(done) and upto.startswith(head)):
+            raise UserError(NOT_PREFIX)
+        spans.append(range(len(head), len(upto)))
+        done = upto
+    if not render(tokenizer, form, messages, False, tools).startswith(done):
+        raise UserError(NOT_PREFIX)
+    return spans
+
+
+def encode(tokenizer, form: ChatFormat, messages: list[dict], tools=None):
+    """(ids, trained) for one chat: the ids of its whole render, and which of them are trained."""
+    messages = folded(messages) if form.fold_system else messages
+    if form.marked:
+        out = tokenizer.apply_chat_template(
+            messages, tools=tools, chat_template=form.template, tokenize=True, return_dict=True,
+            return_assistant_tokens_mask=True,
+        )  # fmt: skip
+        return list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
+    spans = prefix_spans(tokenizer, form, messages, tools)
+    text = render(tokenizer, form, messages, False, tools)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    trained = [
+        any(start < span.stop and end > span.start for span in spans)
+        for start, end in encoding["offset_mapping"]
+    ]
+    return list(encoding["input_ids"]), trained
+
+
+def turn_end(tokenizer, form: ChatFormat) -> int | None:
+    """The token that ends an assistant turn (<|im_end|>, <|eot_id|>, ...): the last trained one
+    of a probe chat that is not whitespace, if it is one of the tokenizer's own added tokens."""
+    ids, trained = encode(tokenizer, form, PROBE[:2] + [{"role": "user", "content": "Thanks."}])
+    added = set(tokenizer.get_added_vocab().values()) | set(tokenizer.all_special_ids)
+    for token, on in zip(reversed(ids), reversed(trained), strict=True):
+        if on and tokenizer.decode([token]).strip():
+            return token if token in added else None
+    return None
+
+
+def stop_at_turn_end(generation, tokenizer) -> None:
+    """Saved as an end-of-sequence id too, so plain generate(), pipelines and vLLM stop where
+    the trained turn ends, as this repo's scripts do."""
+    end = turn_end(tokenizer, chat_format(tokenizer, tokenizer.chat_template))
+    stops = generation.eos_token_id
+    stops = stops if isinstance(stops, list) else [] if stops is None else [stops]
+    if end is not None and end not in stops:
+        generation.eos_token_id = [*stops, end]
