@@ -86,8 +86,11 @@ def folded(messages: list[dict]) -> list[dict]:
     return [{"role": "user", "content": system}, *rest]
 
 
-def prefix_spans(tokenizer, form: ChatFormat, messages: list[dict], tools) -> list[range]:
-    """The characters of each assistant turn in the whole render, from renders of its prefixes."""
+def prefix_spans(
+    tokenizer, form: ChatFormat, messages: list[dict], tools
+) -> list[tuple[int, range]]:
+    """Each assistant turn's index and characters in the whole render, from renders of the
+    chat's prefixes."""
     spans, done = [], ""
     for at, turn in enumerate(messages):
         if turn["role"] != "assistant":
@@ -96,7 +99,7 @@ def prefix_spans(tokenizer, form: ChatFormat, messages: list[dict], tools) -> li
         upto = render(tokenizer, form, messages[: at + 1], False, tools)
         if not (head.startswith(done) and upto.startswith(head)):
             raise UserError(NOT_PREFIX)
-        spans.append(range(len(head), len(upto)))
+        spans.append((at, range(len(head), len(upto))))
         done = upto
     if not render(tokenizer, form, messages, False, tools).startswith(done):
         raise UserError(NOT_PREFIX)
@@ -104,21 +107,30 @@ def prefix_spans(tokenizer, form: ChatFormat, messages: list[dict], tools) -> li
 
 
 def encode(tokenizer, form: ChatFormat, messages: list[dict], tools=None):
-    """(ids, trained) for one chat: the ids of its whole render, and which of them are trained."""
+    """(ids, trained) for one chat: the ids of its whole render, and which of them are trained:
+    the assistant turns', less those marked `"weight": 0` (OpenAI's way to keep a turn as
+    context only)."""
     messages = folded(messages) if form.fold_system else messages
+    skip = {at for at, turn in enumerate(messages) if turn.get("weight", 1) == 0}
     if form.marked:
         out = tokenizer.apply_chat_template(
             messages, tools=tools, chat_template=form.template, tokenize=True, return_dict=True,
             return_assistant_tokens_mask=True,
         )  # fmt: skip
-        return list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
-    spans = prefix_spans(tokenizer, form, messages, tools)
+        ids, trained = list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
+        if not skip:
+            return ids, trained
     text = render(tokenizer, form, messages, False, tools)
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    trained = [
-        any(start < span.stop and end > span.start for span in spans)
-        for start, end in encoding["offset_mapping"]
-    ]
+    spans = prefix_spans(tokenizer, form, messages, tools)
+
+    def inside(start: int, end: int, wanted) -> bool:
+        return any(start < span.stop and end > span.start for at, span in spans if wanted(at))
+
+    offsets = encoding["offset_mapping"]
+    if not form.marked:
+        trained = [inside(start, end, lambda at: True) for start, end in offsets]
+    trained = [on and not inside(start, end, skip.__contains__) for on, (start, end) in zip(trained, offsets, strict=True)]  # fmt: skip
     return list(encoding["input_ids"]), trained
 
 

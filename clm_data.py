@@ -125,6 +125,11 @@ class DataArguments:
         "--dataset_name text: an end-of-text token after each row. Default: rows run together as "
         "the tokenizer encodes them, as in HF's script (right for wikitext's lines).",
     )
+    show_examples: int = arg(
+        0,
+        "Print the first N training examples as the model will see them, trained text between "
+        "[[ and ]], and exit before any weights load.",
+    )
     streaming: bool = arg(False, "Not supported: the data is tokenized once and cached.")
     overwrite_cache: bool = arg(False, "Tokenize again instead of reusing the datasets cache.")
     preprocessing_num_workers: int | None = arg(
@@ -329,8 +334,8 @@ def shape_of(record: Any) -> str | None:
         return None
     if "messages" in record:
         return "chat"
-    if "prompt" in record and "completion" in record:
-        return "completion"
+    if "prompt" in record and "completion" in record:  # as lists of messages: TRL's chat form
+        return "chat" if isinstance(record["prompt"], list) else "completion"
     return "text" if "text" in record else None
 
 
@@ -356,6 +361,11 @@ def checked(record: Any, where: str, shape: str) -> dict:
         if not completion.strip():
             raise UserError(f"{where}: the completion is empty; give every prompt its answer.")
         return {"prompt": prompt, "completion": completion}
+    if "messages" not in record:  # TRL's conversational prompt/completion: the prompt is context
+        prompt, completion = record["prompt"], record["completion"]
+        if not isinstance(completion, list):
+            raise UserError(f"{where}: prompt and completion must both be lists of messages.")
+        record = {**record, "messages": [{**m, "weight": 0} if isinstance(m, dict) and m.get("role") == "assistant" else m for m in prompt] + completion}  # fmt: skip
     messages, tools = record["messages"], record.get("tools")
     if not isinstance(messages, list) or not messages:
         raise UserError(f"{where}: messages must be a non-empty list of {{role, content}}.")
@@ -363,6 +373,8 @@ def checked(record: Any, where: str, shape: str) -> dict:
         if not isinstance(turn, dict) or turn.get("role") not in ROLES:
             role = turn.get("role") if isinstance(turn, dict) else turn
             raise UserError(f"{where}: unknown role {role!r}; use one of {', '.join(ROLES)}.")
+        if turn.get("weight", 1) not in (0, 1):
+            raise UserError(f"{where}: a message's weight must be 0 (not trained) or 1.")
         calls = turn.get("tool_calls")
         if calls is not None and not isinstance(calls, list):
             raise UserError(f"{where}: tool_calls must be a list of {{type, function}} calls.")
@@ -476,7 +488,7 @@ def hub_splits(data: DataArguments, model_args) -> dict[str, datasets.Dataset]:
     for split, wanted in (("train", "train"), ("validation", "validation"), ("validation", "test")):
         if wanted in loaded and split not in splits:
             dataset = loaded[wanted]
-            shape = shape_of(dict.fromkeys(dataset.column_names))
+            shape = shape_of(dataset[0] if len(dataset) else dict.fromkeys(dataset.column_names))
             if shape is None:
                 raise UserError(
                     f"--dataset_name {name}: no `text`, `prompt`/`completion` or `messages` column "
@@ -815,3 +827,16 @@ def supports_packing(model) -> bool:
     model.train(training)
     scale = alone.float().abs().max().item()
     return (together.float() - alone.float()).abs().max().item() <= 0.02 * scale + 1e-4
+
+
+def show_examples(rows: datasets.Dataset, tokenizer, count: int) -> None:
+    """The first `count` rows as text, each trained stretch between [[ and ]]."""
+    for number, row in enumerate(rows.select(range(min(count, len(rows)))), start=1):
+        pieces, run, trained = [], [], False
+        for token, label in [*zip(row["input_ids"], row["labels"], strict=True), (None, None)]:
+            if token is None or (label != -100) != trained:
+                text = tokenizer.decode(run)
+                pieces.append(f"[[{text}]]" if trained and run else text)
+                run, trained = [], label != -100
+            run.append(token)
+        print(f"--- example {number} ({len(row['input_ids'])} tokens) ---\n{''.join(pieces)}")

@@ -19,6 +19,7 @@ from jinja2 import TemplateError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from chats import folded
 from common import UserError, note, number
 
 # stdout holds the generated text and stderr our own notes: the loading bars would be a third voice.
@@ -250,9 +251,11 @@ def pad_token_id(tokenizer: Any) -> int | None:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def chat_template(tokenizer: Any) -> str:
-    """The tokenizer's own template, else the repo's, which run_clm.py also trains with."""
-    return tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE.read_text(encoding="utf-8")
+def chat_template(tokenizer: Any, thinking: bool = True) -> str:
+    """The tokenizer's own template, else the repo's, which run_clm.py also trains with. Without
+    thinking, the template sees enable_thinking=false, the switch of Qwen3's and its peers'."""
+    template = tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE.read_text(encoding="utf-8")
+    return template if thinking else "{%- set enable_thinking = false -%}" + template
 
 
 def render(tokenizer: Any, template: str, messages: list[dict], answer_next: bool = True) -> str:
@@ -262,7 +265,9 @@ def render(tokenizer: Any, template: str, messages: list[dict], answer_next: boo
             messages, chat_template=template, tokenize=False, add_generation_prompt=answer_next
         )
     except TemplateError as err:
-        # Some templates refuse a system message or turns out of order: the user's input, not ours.
+        if messages and messages[0]["role"] == "system":  # Gemma 1/2: as run_clm.py trained it
+            return render(tokenizer, template, folded(messages), answer_next)
+        # Some templates refuse turns out of order: the user's input, not ours.
         raise UserError(f"the chat template refused the conversation: {err}") from err
 
 

@@ -318,9 +318,12 @@ def activation_items(model: Model, run: Run) -> Items:
         items["one block recomputed in backward"] = tokens * per_token
     else:
         items = {f"all {layers} blocks' activations, not checkpointed": layers * tokens * per_token}
-    # The logits in 16 bits, the fp32 copy transformers' loss makes, and its fp32 log-softmax.
-    logit = act + 4 * (act == 2) + 4
-    items[f"logits and loss ({logit} bytes a logit)"] = tokens * c.vocab_size * logit
+    from fused_loss import CHUNK_BYTES
+
+    # The loss (fused_loss.py): one chunk's fp32 logits, their softmax and a 16-bit copy; the
+    # trained positions' hidden states and their gradient; the head's fp32 gradient if it trains.
+    loss = 3 * CHUNK_BYTES + 2 * tokens * c.hidden_size * act + 4 * model.head * (not run.peft)
+    items["loss, the LM head a chunk at a time"] = loss
     return items
 
 

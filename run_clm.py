@@ -47,6 +47,7 @@ import chats
 import checkpoints
 import clm_data
 import deepspeed_json
+import fused_loss
 from checkpoints import GuardedTrainer
 from common import UserError, arg, fail
 
@@ -289,17 +290,31 @@ def load_tokenizer(args: ModelArguments):
     return tokenizer
 
 
-def load_model(args: ModelArguments, lora: LoraArguments, training: TrainingArguments, tokenizer):
+def load_config(args: ModelArguments, tokenizer):
+    """The model's config: read (a few KB), or for --model_type built with the overrides."""
+    source = args.model_name_or_path
+    if source is not None:
+        check_model_source(source, "--model_name_or_path")
+        try:
+            return AutoConfig.from_pretrained(args.config_name or source, **hub_options(args))
+        except (OSError, ValueError) as error:
+            raise UserError(
+                f"--model_name_or_path {source}: cannot load it ({str(error).splitlines()[0]})."
+            ) from None
+    config = AutoConfig.for_model(args.model_type)
+    if args.config_overrides:
+        config.update_from_string(args.config_overrides)
+    # A new model stops where its tokenizer's text ends, not at the config class's default.
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(tokenizer, name) is not None:
+            setattr(config, name, getattr(tokenizer, name))
+    return config
+
+
+def load_model(args: ModelArguments, lora: LoraArguments, training, tokenizer, config):
     source = args.model_name_or_path
     try:
         if source is None:
-            config = AutoConfig.for_model(args.model_type)
-            if args.config_overrides:
-                config.update_from_string(args.config_overrides)
-            # A new model stops where its tokenizer's text ends, not at the config class's default.
-            for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-                if getattr(tokenizer, name) is not None:
-                    setattr(config, name, getattr(tokenizer, name))
             say(
                 f"training a new {args.model_type} from scratch: {config.to_json_string(use_diff=True)}"
             )
@@ -307,8 +322,6 @@ def load_model(args: ModelArguments, lora: LoraArguments, training: TrainingArgu
                 config, trust_remote_code=args.trust_remote_code
             )
         else:
-            check_model_source(source, "--model_name_or_path")
-            config = AutoConfig.from_pretrained(args.config_name or source, **hub_options(args))
             model = AutoModelForCausalLM.from_pretrained(
                 source,
                 config=config,
@@ -321,7 +334,7 @@ def load_model(args: ModelArguments, lora: LoraArguments, training: TrainingArgu
             f"--model_name_or_path {source}: cannot load it ({str(error).splitlines()[0]})."
         ) from None
     except ValueError:
-        kind = getattr(locals().get("config"), "model_type", args.model_type)
+        kind = config.model_type
         raise UserError(
             f"--model_name_or_path {source}: not a causal language model ({kind}); use GPT-2, GPT-Neo, "
             "Llama, Qwen, Mistral, Gemma, Phi or another causal LM."
@@ -337,7 +350,9 @@ def load_model(args: ModelArguments, lora: LoraArguments, training: TrainingArgu
         model.resize_token_embeddings(len(tokenizer))
     # Recomputed activations and a KV cache do not mix; training never needs the cache.
     model.config.use_cache = False
-    model.loss_type = "ForCausalLM"  # what transformers falls back to anyway, with a warning
+    # The loss from chunks of the LM head over the trained positions, never every position's
+    # fp32 logits (GPT2-XL's are 1.6 GB at the guide's batch); before peft wraps the forward.
+    fused_loss.fuse_loss(model)
     if lora.use_peft:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -543,23 +558,27 @@ def train_and_evaluate(model_args, lora, data, run, training) -> None:
     tokenizer = load_tokenizer(model_args)
     with training.main_process_first(desc="reading data"):
         records = clm_data.load_splits(data, tokenizer, model_args)
-    transformers.set_seed(
-        training.seed
-    )  # a new model's or adapter's first weights, as in HF's script
-    model = load_model(model_args, lora, training, tokenizer)
-    block_size = clm_data.pick_block_size(data.block_size, clm_data.model_positions(model.config))
+    config = load_config(model_args, tokenizer)
+    block_size = clm_data.pick_block_size(data.block_size, clm_data.model_positions(config))
     examples = data.examples or any("text" not in split.column_names for split in records.values())
     if examples and tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    for config in (model.config, model.generation_config):
-        if config.pad_token_id is None:  # else the Trainer aligns them, and says so
-            config.pad_token_id = tokenizer.pad_token_id
-    if any("messages" in split.column_names for split in records.values()):
-        # Saved with the model, so generation renders prompts the way training saw them.
+    chat = any("messages" in split.column_names for split in records.values())
+    if chat:  # saved with the model, so generation renders prompts the way training saw them
         tokenizer.chat_template = clm_data.chat_template(tokenizer, data)
     with training.main_process_first(desc="tokenizing"):
         sets = clm_data.tokenize(records, tokenizer, data, block_size, training)
-    if any("messages" in split.column_names for split in records.values()):
+    if data.show_examples:  # before any weights load: a laptop can check a GPU run's data
+        clm_data.show_examples(
+            sets.get("train", sets.get("validation")), tokenizer, data.show_examples
+        )
+        return
+    transformers.set_seed(training.seed)  # a new model's or adapter's first weights, as HF's
+    model = load_model(model_args, lora, training, tokenizer, config)
+    for settings in (model.config, model.generation_config):
+        if settings.pad_token_id is None:  # else the Trainer aligns them, and says so
+            settings.pad_token_id = tokenizer.pad_token_id
+    if chat:
         chats.stop_at_turn_end(model.generation_config, tokenizer)
     if training.do_eval:
         sets = clm_data.split_for_eval(sets, data, training.seed)

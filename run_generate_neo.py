@@ -117,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
         "and the oldest turns are dropped when the model's context fills up",
     )
     parser.add_argument(
+        "--no_thinking",
+        action="store_true",
+        help="with --chat: prompt a thinking model (Qwen3 and its peers) with thinking off, so it answers at once",
+    )
+    parser.add_argument(
         "--system",
         default=None,
         help="with --chat: a system message that opens the conversation and is never dropped",
@@ -187,7 +192,7 @@ def stream_one(
     question; its oldest turns are dropped in place when it and --length outgrow the model.
     """
     limit = max_positions(model)
-    template = chat_template(tokenizer) if args.chat else None
+    template = chat_template(tokenizer, not args.no_thinking) if args.chat else None
     if template is None:
         ids = encode(tokenizer, prompt)
     else:

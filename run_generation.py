@@ -144,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(or the repo's chat_template.jinja), stop at the end of the answer, print the answer only",
     )
     parser.add_argument(
+        "--no_thinking",
+        action="store_true",
+        help="with --chat: prompt a thinking model (Qwen3 and its peers) with thinking off, so it answers at once",
+    )
+    parser.add_argument(
         "--system",
         default=None,
         help="with --chat: a system message put before the prompt",
@@ -221,7 +226,7 @@ def prepare(args: argparse.Namespace) -> tuple[Any, Any, list[int], str, str | N
         ) from err
     if not args.chat:
         return model, tokenizer, encode(tokenizer, args.prefix + prompt), prompt, None
-    template = chat_template(tokenizer)
+    template = chat_template(tokenizer, not args.no_thinking)
     system = [{"role": "system", "content": args.system}] if args.system is not None else []
     text = render(tokenizer, template, [*system, {"role": "user", "content": prompt}])
     return model, tokenizer, encode(tokenizer, args.prefix + text), prompt, template

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tiny import save_tiny
+from tiny import family_tokenizer, save_tiny
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +45,11 @@ def tiny_llama(tmp_path_factory) -> Path:
 def tiny_qwen(tmp_path_factory) -> Path:
     """A saved two-layer Qwen2 with a byte-level tokenizer and a ChatML chat template."""
     return save_tiny(tmp_path_factory.mktemp("models") / "tiny-qwen", "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory) -> Path:
+    """A saved two-layer Qwen3 whose tokenizer carries Qwen3's own chat template (from TRL)."""
+    folder = tmp_path_factory.mktemp("models") / "tiny-qwen3"
+    # 1024 positions: a chat with tools holds Qwen3's long tool instructions.
+    return save_tiny(folder, "qwen3", tokenizer=family_tokenizer("qwen3"), positions=1024)

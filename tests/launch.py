@@ -15,6 +15,7 @@ SCRIPTS = [
     "run_clm.py",
     "clm_data.py",
     "chats.py",
+    "fused_loss.py",
     "checkpoints.py",
     "common.py",
     "deepspeed_json.py",

@@ -3,44 +3,24 @@ falls on each assistant turn as the whole conversation renders it, up to the tok
 turn; tools and reasoning train; a template's refusal is one line; a trained folder answers
 through plain transformers and stops."""
 
-import copy
 import json
-import re
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-import trl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tiny import CHAT, REPO, qwen2_tokenizer, tiny_model
+from tiny import CHAT, REPO, family_tokenizer, qwen2_tokenizer, tiny_model
 
 sys.path.insert(0, str(REPO))
 import chats
 import clm_data
 import run_clm
+import run_generation
 
-TEMPLATES = Path(trl.__file__).parent / "chat_templates"
 FAMILIES = ["llama3", "llama3_1", "llama3_2", "qwen2_5", "qwen3", "qwen3_instruct_2507", "qwen3_5_think",
             "qwen3_6", "gemma", "gemma3", "phi3", "phi3_5", "deepseekv3", "deepseek_r1_distill", "gptoss",
             "glm4moe", "nemotron_3_nano", "cohere", "cohere2", "lfm2"]  # fmt: skip
-# The family's own markup tokens, so that each is one id as in the family's tokenizer.
-SPECIALS = (
-    r"<[|\uff5c][^<>'\"]*?[|\uff5c]>|<(?:start_of_turn|end_of_turn|think|/think)>|<\|?turn\|?>"
-)
-
-
-def family_tokenizer(family: str):
-    """A byte-level tokenizer with the family's shipped template and its markup tokens."""
-    template = (TEMPLATES / f"{family}.jinja").read_text(encoding="utf-8")
-    tokenizer = copy.deepcopy(BASE)
-    tokenizer.add_special_tokens({"additional_special_tokens": sorted(set(re.findall(SPECIALS, template)))})  # fmt: skip
-    tokenizer.chat_template = template
-    return tokenizer
-
-
-BASE = qwen2_tokenizer()
 
 
 def trained_text(tokenizer, messages, tools=None) -> str:
@@ -99,7 +79,7 @@ def test_reasoning_trains_where_given_and_a_chat_without_it_as_prompted():
 
 
 def test_a_template_that_refuses_a_record_is_one_line_naming_it(tmp_path):
-    tokenizer = copy.deepcopy(BASE)
+    tokenizer = qwen2_tokenizer()
     tokenizer.chat_template = (  # Mistral's rule, as its template words it
         "{%- for m in messages %}{%- if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
         "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
@@ -142,3 +122,37 @@ def test_a_qwen3_chat_fine_tune_answers_through_plain_transformers_and_stops(tmp
     ]
     said = saved.decode(out)
     assert said == "<think>\n\n</think>\n\nMarlowe.<|im_end|>", said  # answered, then stopped
+    # The generation script, with thinking off as the chat was trained: the answer alone.
+    argv = ["--model_name_or_path", str(tmp_path / "out"), "--chat", "--no_thinking", "--temperature", "0",
+            "--system", chat[0]["content"], "--prompt", chat[1]["content"], "--length", "20"]  # fmt: skip
+    assert [text.strip() for text in run_generation.main(argv)] == ["Marlowe."]
+
+
+def test_weight_zero_turns_and_a_conversational_prompt_are_context_only(tmp_path):
+    tokenizer = family_tokenizer("qwen3")
+    weighted = [*CHAT[:2], {**CHAT[2], "weight": 0}, *CHAT[3:]]
+    assert "Shakespeare" not in trained_text(tokenizer, weighted)
+    assert "Marlowe." in trained_text(tokenizer, weighted)
+    # TRL's conversational prompt/completion: the prompt's turns, an answer among them, are context.
+    record = {"prompt": CHAT[:4], "completion": CHAT[4:]}
+    (tmp_path / "pc.jsonl").write_text(json.dumps(record) + "\n")
+    data = clm_data.DataArguments(train_file=str(tmp_path / "pc.jsonl"))
+    from transformers import TrainingArguments
+
+    [row] = clm_data.tokenize(clm_data.load_splits(data, tokenizer, None), tokenizer, data, 256, TrainingArguments(str(tmp_path), report_to="none"))["train"]  # fmt: skip
+    trained = tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != -100])  # fmt: skip
+    assert "Marlowe." in trained and "Shakespeare" not in trained
+
+
+def test_show_examples_prints_what_is_trained_and_loads_no_weights(tmp_path, tiny_qwen3, capsys, monkeypatch):  # fmt: skip
+    monkeypatch.setattr(run_clm, "load_model", None)  # called, it would fail the test
+    run_clm.main(["--model_name_or_path", str(tiny_qwen3), "--train_file", str(REPO / "examples" / "tools.jsonl"),
+                  "--output_dir", str(tmp_path / "out"), "--show_examples", "1"])  # fmt: skip
+    out = capsys.readouterr().out
+    call = '<tool_call>\n{"name": "author_of", "arguments": {"play": "Hamlet"}}\n</tool_call>'
+    assert (
+        f"<|im_start|>assistant\n[[<think>\n\n</think>\n\n{call}<|im_end|>\n]]<|im_start|>user"
+        in out
+    )
+    assert "[[<think>\n\n</think>\n\nWilliam Shakespeare wrote Hamlet.<|im_end|>\n]]" in out
+    assert "--- example 2" not in out and not (tmp_path / "out").exists()

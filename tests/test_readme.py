@@ -29,7 +29,7 @@ import will_it_fit
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 # Hub names in the docs' commands, and the tiny offline model of the same family that stands in.
-FAMILY_OF = {"qwen": "tiny_qwen", "llama": "tiny_llama", "mistral": "tiny_llama", "gpt2": "tiny_gpt2"}  # fmt: skip
+FAMILY_OF = {"qwen3": "tiny_qwen3", "qwen": "tiny_qwen", "llama": "tiny_llama", "mistral": "tiny_llama", "gpt2": "tiny_gpt2"}  # fmt: skip
 
 
 def commands(doc: Path) -> list[list[str]]:
@@ -136,14 +136,16 @@ def stand_ins(argv: list[str], models: dict[str, Path]) -> list[str]:
     family = next((f for key, f in FAMILY_OF.items() if key in name.lower()), None)
     if family and not Path(name).exists():
         argv = replace_flag(argv, "--model_name_or_path", str(models[family]))
-    return [*argv, "--max_steps", "2", "--block_size", "64", "--max_eval_samples", "4", "--save_strategy", "no"]  # fmt: skip
+    # Chats (a .jsonl) hold whole conversations, tool instructions included: a longer block.
+    block = "512" if argv[argv.index("--train_file") + 1].endswith(".jsonl") else "64"
+    return [*argv, "--max_steps", "2", "--block_size", block, "--max_eval_samples", "4", "--save_strategy", "no"]  # fmt: skip
 
 
 @pytest.mark.parametrize(
     "doc", [d for d in DOCS if d.name != "generation.md"], ids=lambda d: d.name
 )
-def test_every_other_command_in_the_docs_runs_as_printed(doc, tmp_path, monkeypatch, capsys, tiny_gpt2, tiny_llama, tiny_qwen):  # fmt: skip
-    models = {"tiny_gpt2": tiny_gpt2, "tiny_llama": tiny_llama, "tiny_qwen": tiny_qwen}
+def test_every_other_command_in_the_docs_runs_as_printed(doc, tmp_path, monkeypatch, capsys, tiny_gpt2, tiny_llama, tiny_qwen, tiny_qwen3):  # fmt: skip
+    models = {"tiny_gpt2": tiny_gpt2, "tiny_llama": tiny_llama, "tiny_qwen": tiny_qwen, "tiny_qwen3": tiny_qwen3}  # fmt: skip
     folder = with_csvs(copy_of_the_repo(tmp_path))
     monkeypatch.chdir(folder)
     text = doc.read_text(encoding="utf-8")

@@ -299,9 +299,17 @@ def test_gpt_neo_with_its_config_fits_16gb_and_needs_about_the_guides_70gb(facts
 
 
 def test_gpt2_xl_largest_eager_micro_batch_on_16gb_is_the_guides_12():
+    """The guide's measurement, with its loss: the full logits, 10 bytes each in fp16 (the fp16
+    logits, transformers' fp32 copy and its log-softmax). fused_loss.py needs less, so today's
+    runs fit a larger batch, and the plan says so."""
     model = wif.model_facts("gpt2-xl", "eager", (), "auto")
-    fits = [wif.plan(model, guide_run(model, micro=m, accum=1), V100).fits for m in (12, 13)]
-    assert fits == [True, False]
+    totals = []
+    for micro in (12, 13):
+        found = wif.plan(model, guide_run(model, micro=micro, accum=1), V100)
+        logits = micro * 1024 * model.config.vocab_size * 10
+        totals.append(found.gpu_total - found.gpu_items["loss, the LM head a chunk at a time"] + logits)  # fmt: skip
+        assert found.fits
+    assert totals[0] <= V100[0] < totals[1]
 
 
 def test_too_little_host_ram_is_a_verdict_on_the_ram(facts):
@@ -343,9 +351,11 @@ def test_llama_8b_agrees_with_torchtunes_4090_table_once_the_differences_are_tak
     tokens, h = 2 * 2048, model.config.hidden_size
     # What torchtune's runs do differently, each sized from first principles rather than read
     # back from the plan: its compiled, chunked cross-entropy keeps about the 16-bit logits where
-    # transformers' loss adds an fp32 copy and the fp32 log-softmax (8 of our 10 bytes a logit),
-    # and its figure leaves out the CUDA context (our 1 GiB).
-    differences = 8 * tokens * model.config.vocab_size + mem.CUDA_CONTEXT
+    # fused_loss.py keeps one 256 MiB chunk three times over, the trained positions' 16-bit
+    # hidden states and their gradient, and the head's fp32 gradient in a full fine-tune; its
+    # figure leaves out the CUDA context (our 1 GiB).
+    ours = 3 * 2**28 + 2 * tokens * h * 2 + 4 * model.head * ("--use_peft" not in flags)
+    differences = ours - 2 * tokens * model.config.vocab_size + mem.CUDA_CONTEXT
     if (
         "--optim" in flags
     ):  # optimizer_in_bwd=True steps each weight in backward: no gradient buffer

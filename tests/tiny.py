@@ -8,6 +8,7 @@ other families (Mistral, Qwen3, Gemma 2 and 3, Phi, Phi-3, GPT-J) are built from
 config classes with the Llama tokenizer, whose ids are what their configs expect.
 """
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -119,6 +120,33 @@ def qwen2_tokenizer(vocab_size: int = 2000) -> PreTrainedTokenizerFast:
     return made
 
 
+# A family's own markup tokens in its template, so that each is one id as in its tokenizer.
+SPECIALS = (
+    r"<[|\uff5c][^<>'\"]*?[|\uff5c]>|<(?:start_of_turn|end_of_turn|think|/think)>|<\|?turn\|?>"
+)
+
+
+def family_tokenizer(template_name: str) -> PreTrainedTokenizerFast:
+    """Qwen2's byte-level tokenizer with a family's chat template as TRL's package ships it
+    (trl/chat_templates/NAME.jinja) and that template's markup tokens."""
+    import copy
+    import re
+
+    import trl
+
+    template = (Path(trl.__file__).parent / "chat_templates" / f"{template_name}.jinja").read_text(encoding="utf-8")  # fmt: skip
+    tokenizer = copy.deepcopy(trained_qwen2_tokenizer())
+    specials = sorted(set(re.findall(SPECIALS, template)))
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+@functools.cache
+def trained_qwen2_tokenizer() -> PreTrainedTokenizerFast:
+    return qwen2_tokenizer()  # trained once a process: a second or so each time
+
+
 def tokenizer_for(family: str):
     if family in ("gpt2", "gpt_neo"):
         return gpt2_tokenizer()
@@ -154,14 +182,14 @@ def tiny_model(family: str = "gpt2", positions: int = 128, vocab_size: int = 502
     return AutoModelForCausalLM.from_config(tiny_config(family, vocab_size, positions))
 
 
-def save_tiny(path: os.PathLike, family: str = "gpt2", seed: int = 0, tokenizer=None) -> Path:
+def save_tiny(path: os.PathLike, family: str = "gpt2", seed: int = 0, tokenizer=None, positions: int = 128) -> Path:  # fmt: skip
     """Write a tiny model and its tokenizer to `path`, as run_clm.py's --output_dir would hold them."""
     import torch
 
     torch.manual_seed(seed)
     path = Path(path)
     tokenizer = tokenizer or tokenizer_for(family)
-    tiny_model(family, vocab_size=len(tokenizer)).save_pretrained(path)
+    tiny_model(family, positions, len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
