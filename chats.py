@@ -134,10 +134,12 @@ def encode(tokenizer, form: ChatFormat, messages: list[dict], tools=None):
     return list(encoding["input_ids"]), trained
 
 
-def turn_end(tokenizer, form: ChatFormat) -> int | None:
+def turn_end(tokenizer, form: ChatFormat, last: bool = False) -> int | None:
     """The token that ends an assistant turn (<|im_end|>, <|eot_id|>, ...): the last trained one
-    of a probe chat that is not whitespace, if it is one of the tokenizer's own added tokens."""
-    ids, trained = encode(tokenizer, form, PROBE[:2] + [{"role": "user", "content": "Thanks."}])
+    of a probe chat that is not whitespace, if it is one of the tokenizer's own added tokens.
+    `last`: of the chat's last turn, which gpt-oss ends otherwise (<|return|>, not <|end|>)."""
+    probe = PROBE[:2] if last else [*PROBE[:2], {"role": "user", "content": "Thanks."}]
+    ids, trained = encode(tokenizer, form, probe)
     added = set(tokenizer.get_added_vocab().values()) | set(tokenizer.all_special_ids)
     for token, on in zip(reversed(ids), reversed(trained), strict=True):
         if on and tokenizer.decode([token]).strip():
@@ -146,10 +148,12 @@ def turn_end(tokenizer, form: ChatFormat) -> int | None:
 
 
 def stop_at_turn_end(generation, tokenizer) -> None:
-    """Saved as an end-of-sequence id too, so plain generate(), pipelines and vLLM stop where
+    """Saved as end-of-sequence ids too, so plain generate(), pipelines and vLLM stop where
     the trained turn ends, as this repo's scripts do."""
-    end = turn_end(tokenizer, chat_format(tokenizer, tokenizer.chat_template))
+    form = chat_format(tokenizer, tokenizer.chat_template)
     stops = generation.eos_token_id
     stops = stops if isinstance(stops, list) else [] if stops is None else [stops]
-    if end is not None and end not in stops:
-        generation.eos_token_id = [*stops, end]
+    for end in (turn_end(tokenizer, form), turn_end(tokenizer, form, last=True)):
+        if end is not None and end not in stops:
+            stops = [*stops, end]
+    generation.eos_token_id = stops or None

@@ -128,6 +128,31 @@ def test_a_qwen3_chat_fine_tune_answers_through_plain_transformers_and_stops(tmp
     assert [text.strip() for text in run_generation.main(argv)] == ["Marlowe."]
 
 
+@pytest.mark.parametrize("family", ["llama3_1", "gemma", "phi3_5", "gptoss", "lfm2"])
+def test_a_multi_turn_fine_tune_answers_the_last_turn_and_stops(tmp_path, family):
+    """Through each family's shipped template and plain transformers: the base model's EOS is
+    <|endoftext|>, so only the turn-end ids saved in generation_config.json can stop it."""
+    tokenizer = family_tokenizer(family)
+    tokenizer.eos_token = "<|endoftext|>"
+    torch.manual_seed(0)
+    base = tiny_model("qwen3", positions=256, vocab_size=len(tokenizer))
+    base.config.eos_token_id = base.generation_config.eos_token_id = tokenizer.eos_token_id
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    (tmp_path / "chats.jsonl").write_text(json.dumps({"messages": CHAT}) + "\n")
+    run_clm.main(["--model_name_or_path", str(tmp_path / "base"), "--train_file", str(tmp_path / "chats.jsonl"),
+                  "--do_train", "--output_dir", str(tmp_path / "out"), "--max_steps", "80",
+                  "--learning_rate", "1e-2", "--save_strategy", "no", "--block_size", "256"])  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    saved = AutoTokenizer.from_pretrained(tmp_path / "out")
+    history = chats.folded(CHAT[:4]) if family == "gemma" else CHAT[:4]  # no system role
+    prompt = saved.apply_chat_template(history, add_generation_prompt=True, return_tensors="pt", return_dict=True)  # fmt: skip
+    out = model.generate(**prompt, max_new_tokens=30, do_sample=False)[0, prompt["input_ids"].shape[1] :]  # fmt: skip
+    assert "Marlowe." in saved.decode(out, skip_special_tokens=True), saved.decode(out)
+    stops = model.generation_config.eos_token_id
+    assert out[-1].item() in stops and len(out) < 30, saved.decode(out)  # it ended its turn
+
+
 def test_weight_zero_turns_and_a_conversational_prompt_are_context_only(tmp_path):
     tokenizer = family_tokenizer("qwen3")
     weighted = [*CHAT[:2], {**CHAT[2], "weight": 0}, *CHAT[3:]]
