@@ -41,6 +41,7 @@ from transformers import (
     TrainingArguments,
     default_data_collator,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.pytorch_utils import Conv1D
 
 import chats
@@ -296,11 +297,18 @@ def load_config(args: ModelArguments, tokenizer):
     if source is not None:
         check_model_source(source, "--model_name_or_path")
         try:
-            return AutoConfig.from_pretrained(args.config_name or source, **hub_options(args))
+            config = AutoConfig.from_pretrained(args.config_name or source, **hub_options(args))
         except (OSError, ValueError) as error:
             raise UserError(
                 f"--model_name_or_path {source}: cannot load it ({str(error).splitlines()[0]})."
             ) from None
+        custom = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+        if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not custom:
+            raise UserError(
+                f"--model_name_or_path {source}: not a causal language model ({config.model_type}); "
+                "use GPT-2, GPT-Neo, Llama, Qwen, Mistral, Gemma, Phi or another causal LM."
+            )
+        return config
     config = AutoConfig.for_model(args.model_type)
     if args.config_overrides:
         config.update_from_string(args.config_overrides)
@@ -329,15 +337,9 @@ def load_model(args: ModelArguments, lora: LoraArguments, training, tokenizer, c
                 quantization_config=quantization(lora),
                 **hub_options(args),
             )
-    except OSError as error:
+    except (OSError, ValueError) as error:  # not a causal LM was refused with the config
         raise UserError(
             f"--model_name_or_path {source}: cannot load it ({str(error).splitlines()[0]})."
-        ) from None
-    except ValueError:
-        kind = config.model_type
-        raise UserError(
-            f"--model_name_or_path {source}: not a causal language model ({kind}); use GPT-2, GPT-Neo, "
-            "Llama, Qwen, Mistral, Gemma, Phi or another causal LM."
         ) from None
     # A tokenizer with more ids than the model has embeddings (another family's, or added
     # tokens) would index past them: grow them, as HF's script does. vocab_size, because ZeRO-3

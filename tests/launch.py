@@ -172,3 +172,13 @@ def complete_checkpoints(output_dir: Path) -> list[str]:
     return sorted(
         p.name for p in output_dir.glob("checkpoint-*") if (p / "checkpoint-complete").is_file()
     )
+
+
+def train_in_process(tmp_path, model: Path, *flags: str, text: str = "All the world's a stage.\n" * 200):  # fmt: skip
+    (tmp_path / "train.txt").write_text(text, encoding="utf-8")
+    argv = ["--model_name_or_path", str(model), "--train_file", str(tmp_path / "train.txt"),
+            "--do_train", "--output_dir", str(tmp_path / "out"), "--save_strategy", "no", *flags]  # fmt: skip
+    import run_clm  # in this process: a new one would cost seconds
+
+    run_clm.main(argv)
+    return tmp_path / "out"

@@ -128,7 +128,7 @@ def test_a_qwen3_chat_fine_tune_answers_through_plain_transformers_and_stops(tmp
     assert [text.strip() for text in run_generation.main(argv)] == ["Marlowe."]
 
 
-@pytest.mark.parametrize("family", ["llama3_1", "gemma", "phi3_5", "gptoss", "lfm2"])
+@pytest.mark.parametrize("family", ["llama3_1", "gemma", "gptoss"])
 def test_a_multi_turn_fine_tune_answers_the_last_turn_and_stops(tmp_path, family):
     """Through each family's shipped template and plain transformers: the base model's EOS is
     <|endoftext|>, so only the turn-end ids saved in generation_config.json can stop it."""
