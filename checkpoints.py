@@ -12,9 +12,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import shutil
 import signal
+import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +35,7 @@ PROG = "run_clm.py"
 COMPLETE_MARKER = "checkpoint-complete"
 # Written last, after training and evaluation both succeeded: its presence means "finished".
 FINAL_MARKER = "all_results.json"
+RUN_FILE = "run.json"  # what the run in --output_dir is: a rerun that differs is another run
 # The stop reason shared by all ranks when the launcher is gone: it is SIGHUP's job description.
 LAUNCHER_GONE = int(signal.SIGHUP)
 # What a launcher's process runs, as its command line shows it.
@@ -277,10 +281,24 @@ class ResumePlan:
     checkpoint: str | None = None
     delete: list[Path] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
+    finished: bool = False  # the folder holds this run's finished model: nothing to do
 
 
-def resume_plan(output_dir: Path, overwrite: bool, explicit: str | None) -> ResumePlan:
-    """The checkpoint to continue from and the folders to clear; raises for a finished run."""
+def changes(output_dir: Path, identity: dict) -> list[str]:
+    """How this command's run differs from the one whose checkpoints are in `output_dir`."""
+    saved = output_dir / RUN_FILE
+    if not saved.is_file():
+        return []  # a folder from before run.json was written: nothing to compare with
+    before = json.loads(saved.read_text(encoding="utf-8"))
+    return [
+        f"{flag} was {before.get(flag)}, now {value}"
+        for flag, value in identity.items()
+        if before.get(flag) != value
+    ]
+
+
+def resume_plan(output_dir: Path, overwrite: bool, explicit: str | None, identity: dict) -> ResumePlan:  # fmt: skip
+    """The checkpoint to continue from and the folders to clear, or that the run is finished."""
     if explicit:
         if not is_complete(Path(explicit)):
             raise UserError(
@@ -291,30 +309,58 @@ def resume_plan(output_dir: Path, overwrite: bool, explicit: str | None) -> Resu
     if not output_dir.is_dir():
         return ResumePlan()
     found = checkpoints_in(output_dir)
-    if overwrite:
-        # Without the old run's results, an interrupted fresh run resumes instead of being called finished.
-        old_results = [output_dir / FINAL_MARKER] if (output_dir / FINAL_MARKER).exists() else []
-        message = f"--overwrite_output_dir: deleting {len(found)} old checkpoint(s) in {output_dir}, starting fresh."
-        return ResumePlan(delete=found + old_results, messages=[message] if found else [])
-    if (output_dir / FINAL_MARKER).is_file() and (output_dir / "config.json").is_file():
-        raise UserError(
-            f"--output_dir {output_dir}: already holds a finished model; pass --overwrite_output_dir to "
-            "train it again from the start, or choose another --output_dir."
-        )
+    complete = [c for c in found if is_complete(c)]
+    finished = (output_dir / FINAL_MARKER).is_file() and (output_dir / "config.json").is_file()
+    changed = changes(output_dir, identity)
     plan = ResumePlan()
+    # A requeue script or restart loop repeats the whole command, --overwrite_output_dir
+    # included: an interrupted run of this same command resumes rather than being deleted.
+    same_run = complete and not finished and not changed and (output_dir / RUN_FILE).is_file()
+    if overwrite and same_run:
+        plan.messages.append(
+            f"--overwrite_output_dir: {output_dir} holds this same run, stopped at {complete[-1].name}; "
+            "resuming it, not deleting it (delete the folder to start over)."
+        )
+    elif overwrite:
+        # Without the old run's results, an interrupted fresh run resumes instead of being called finished.
+        old = [
+            output_dir / name for name in (FINAL_MARKER, RUN_FILE) if (output_dir / name).exists()
+        ]
+        message = f"--overwrite_output_dir: deleting {len(found)} old checkpoint(s) in {output_dir}, starting fresh."
+        return ResumePlan(delete=found + old, messages=[message] if found else [])
+    elif finished:
+        return ResumePlan(finished=True)
+    elif changed and complete:
+        raise UserError(
+            f"--output_dir {output_dir}: holds checkpoints of another run ({'; '.join(changed)}); "
+            f"pass --overwrite_output_dir to start over, or --resume_from_checkpoint {complete[-1]} "
+            "to continue from it anyway."
+        )
     for checkpoint in found:
         if not is_complete(checkpoint):
             plan.delete.append(checkpoint)
             plan.messages.append(
                 f"removing {checkpoint}: it was being written when the last run stopped."
             )
-    complete = [c for c in found if is_complete(c)]
     if complete:
         plan.checkpoint = str(complete[-1])
         plan.messages.append(
             f"resuming from {complete[-1]} (pass --overwrite_output_dir to start fresh)."
         )
     return plan
+
+
+def resume_command() -> str:
+    """The command that started this process, as typed: the launcher, the script, its flags."""
+    flags = [arg for arg in sys.argv[1:] if not arg.startswith("--local_rank")]
+    ranks = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE") or "1"
+    if any(arg.startswith("--local_rank") for arg in sys.argv[1:]):  # the deepspeed launcher's
+        launcher = ["deepspeed", f"--num_gpus={ranks}"]
+    elif "TORCHELASTIC_RUN_ID" in os.environ:
+        launcher = ["torchrun", f"--nproc_per_node={ranks}"]
+    else:
+        launcher = ["python"]
+    return shlex.join([*launcher, sys.argv[0], *flags])
 
 
 def carry_out(plan: ResumePlan) -> None:

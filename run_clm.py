@@ -241,6 +241,28 @@ def validate(model_args, lora, data, run, training) -> None:
         )
 
 
+def run_identity(model_args: ModelArguments, lora: LoraArguments, data) -> dict:
+    """What a run is, flag by flag: a rerun that changes one of these is another run."""
+
+    def described(path: str | None) -> str | None:
+        return (
+            f"{path} ({Path(path).stat().st_size:,} bytes)"
+            if path and Path(path).is_file()
+            else path
+        )
+
+    return {
+        "--model_name_or_path": model_args.model_name_or_path or model_args.model_type,
+        "--config_overrides": model_args.config_overrides,
+        "--train_file": described(data.train_file),
+        "--dataset_name": data.dataset_name,
+        "--block_size": data.block_size,
+        "--use_peft": lora.use_peft,
+        "--lora_r": lora.lora_r if lora.use_peft else None,
+        "--load_in_4bit": lora.load_in_4bit,
+    }
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -550,11 +572,17 @@ def train_and_evaluate(model_args, lora, data, run, training) -> None:
             MASTER_PORT=str(free_port()),
         )  # fmt: skip
     wandb_offline_unless_logged_in(training)
-    plan = checkpoints.ResumePlan()
+    plan, identity = checkpoints.ResumePlan(), run_identity(model_args, lora, data)
     if training.do_train:
         plan = checkpoints.resume_plan(
-            output_dir, run.overwrite_output_dir, training.resume_from_checkpoint
+            output_dir, run.overwrite_output_dir, training.resume_from_checkpoint, identity
         )
+    if plan.finished:  # a restart loop or a requeue that comes back after the end: all is well
+        say(
+            f"{output_dir} already holds this run's finished model; nothing to do. To train again, "
+            "pass --overwrite_output_dir or choose another --output_dir."
+        )
+        return
 
     # Data problems show up in seconds, before a multi-gigabyte model is loaded.
     tokenizer = load_tokenizer(model_args)
@@ -593,6 +621,11 @@ def train_and_evaluate(model_args, lora, data, run, training) -> None:
 
     checkpoints.check_shared_output_dir(output_dir, training)
     checkpoints.carry_out(plan)  # nothing is deleted before the data and the model are known good
+    if training.do_train and plan.checkpoint is None and common.is_main_process():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        checkpoints.write_atomically(
+            output_dir / checkpoints.RUN_FILE, json.dumps(identity, indent=1)
+        )
     # Under ZeRO-3 a partitioned parameter reports 0 elements; ds_numel is its real size.
     if lora.use_peft:  # peft counts 4-bit weights at their real number, not their packed bytes
         trainable, parameters = model.get_nb_trainable_parameters()
@@ -643,8 +676,8 @@ def train_and_evaluate(model_args, lora, data, run, training) -> None:
             raise
         if stopper.reason:
             say(
-                f"stopped at step {trainer.state.global_step}; checkpoint saved. "
-                "Run the same command again to resume."
+                f"stopped at step {trainer.state.global_step}; checkpoint saved. Run the same "
+                f"command again to resume. It was: {checkpoints.resume_command()}"
             )
             sys.exit(
                 128

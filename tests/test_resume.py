@@ -16,6 +16,7 @@ from launch import (  # fmt: skip
     complete_checkpoints,
     free_port,
     losses,
+    replace_flag,
     run,
     run_clm_plain,
     start,
@@ -140,3 +141,32 @@ def test_overwrite_output_dir_starts_fresh(tmp_path, tiny_gpt2, monkeypatch, cap
     assert not (out / "checkpoint-3").exists()
     assert sorted(losses(out)) == [1, 2]
     assert json.loads((out / "all_results.json").read_text())["train_loss"] != 1.0
+
+
+def test_a_rerun_that_changes_the_run_resumes_nothing_and_the_same_command_resumes(tmp_path, tiny_gpt2, capsys, monkeypatch):  # fmt: skip
+    """An interrupted run's checkpoints are never resumed by another run, nor lost to a rerun of
+    the same command that carries --overwrite_output_dir (a requeue script holding it)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.txt").write_text(training_text(), encoding="utf-8")
+    argv = ["--model_name_or_path", str(tiny_gpt2), "--train_file", "train.txt", "--do_train",
+            "--output_dir", "out", "--block_size", "32", "--max_steps", "2", "--save_steps", "1",
+            "--logging_steps", "1"]  # fmt: skip
+    run_clm.main(argv)
+    (tmp_path / "out" / "all_results.json").unlink()  # as if stopped after checkpoint-2
+    kept = sorted(p.name for p in (tmp_path / "out").iterdir())
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        run_clm.main(replace_flag(argv, "--block_size", "16"))
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "run_clm.py: error: --output_dir out: holds checkpoints of another run (--block_size was "
+        "32, now 16); pass --overwrite_output_dir to start over, or --resume_from_checkpoint "
+        "out/checkpoint-2 to continue from it anyway."
+    )
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == kept
+    run_clm.main([*argv, "--overwrite_output_dir"])
+    assert (
+        "--overwrite_output_dir: out holds this same run, stopped at checkpoint-2; resuming it, "
+        "not deleting it (delete the folder to start over)." in capsys.readouterr().out
+    )
+    assert (tmp_path / "out" / "checkpoint-2").is_dir()

@@ -190,13 +190,18 @@ def test_model_that_is_not_a_causal_lm(capsys, base, tmp_path):
     fails_with(capsys, replace_flag(base, "--model_name_or_path", str(folder)), "not a causal language model (t5)")  # fmt: skip
 
 
-def test_rerun_of_finished_run_keeps_the_model(capsys, base, tmp_path, tiny_gpt2):
+def test_rerun_of_finished_run_exits_0_and_rewrites_nothing(capsys, base, tmp_path, tiny_gpt2):
+    """A restart loop, a SLURM requeue or systemd's Restart= settles once the run has finished."""
     finished = tmp_path / "out"
     shutil.copytree(tiny_gpt2, finished)
     (finished / "all_results.json").write_text(json.dumps({"train_loss": 1.0}))
-    before = (finished / "model.safetensors").read_bytes()
-    fails_with(capsys, base, "--output_dir out", "finished model", "--overwrite_output_dir")
-    assert (finished / "model.safetensors").read_bytes() == before
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in finished.iterdir()}
+    run_clm.main(base)  # returns: exit status 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        "[run_clm.py] out already holds this run's finished model; nothing to do. To train "
+        "again, pass --overwrite_output_dir or choose another --output_dir."
+    )
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in finished.iterdir()} == before
 
 
 def test_overwrite_output_dir_with_bad_data_deletes_nothing(capsys, base, tmp_path):
