@@ -571,6 +571,12 @@ def train_and_evaluate(model_args, lora, data, run, training) -> None:
             RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(free_port()),
         )  # fmt: skip
+    if training.deepspeed:
+        import deepspeed
+
+        # Now, not when the Trainer starts: ZeRO-3 partitions the weights as they load, and
+        # checks the batch against the world size it finds (1 before the ranks have met).
+        deepspeed.init_distributed()
     wandb_offline_unless_logged_in(training)
     plan, identity = checkpoints.ResumePlan(), run_identity(model_args, lora, data)
     if training.do_train:

@@ -179,9 +179,11 @@ def test_however_a_run_is_stopped_every_rank_saves_one_checkpoint_and_the_same_c
 def test_zero3_trains_in_bf16_and_saves_a_normal_model_folder(folder, tiny_gpt2, lora):
     """--bf16 on a CPU works (the script sets use_cpu); ZeRO-3 gathers the weights at save, or
     the LoRA adapter, which is then merged into the base model. The full run starts as
-    `python run_clm.py --deepspeed ...`, one process and no launcher."""
+    `python run_clm.py --deepspeed ...`, one process and no launcher; the LoRA run on two ranks,
+    whose weights ZeRO-3 splits as they load (it once failed there, before the ranks had met)."""
     out = f"z3-{'lora' if lora else 'full'}"
-    argv = command(tiny_gpt2, 1, 4, out, "ds_config_zero3.json", "--max_steps", "4", "--save_strategy", "no")  # fmt: skip
+    ranks, batch = (2, 2) if lora else (1, 4)
+    argv = command(tiny_gpt2, ranks, batch, out, "ds_config_zero3.json", "--max_steps", "4", "--save_strategy", "no")  # fmt: skip
     if not lora:
         argv = ["python", *argv[argv.index("run_clm.py") :]]
     log = finish([a for a in argv if a != "--fp16"] + ["--bf16"] + ["--use_peft"] * lora, folder)
