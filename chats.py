@@ -13,6 +13,7 @@ as the model sees them at inference.
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 
 from jinja2 import TemplateError
@@ -20,6 +21,7 @@ from trl.chat_template_utils import get_training_chat_template, has_generation_m
 
 from common import UserError
 
+ROLES = ("system", "user", "assistant", "tool")
 PROBE = [
     {"role": "user", "content": "Who wrote Hamlet?"},
     {"role": "assistant", "content": "Shakespeare."},
@@ -31,6 +33,37 @@ NOT_PREFIX = (
     "--chat_template FILE with {% generation %} ... {% endgeneration %} around each assistant "
     "turn (docs/data.md)"
 )
+
+
+def checked(record: dict, where: str) -> dict:
+    """A chat record (messages, or TRL's conversational prompt and completion) checked, stored as
+    JSON: tool calls' arguments and tool schemas have no fixed Arrow type. UserError names `where`."""
+    if "messages" not in record:  # TRL's conversational prompt/completion: the prompt is context
+        prompt, completion = record["prompt"], record["completion"]
+        if not isinstance(completion, list):
+            raise UserError(f"{where}: prompt and completion must both be lists of messages.")
+        record = {**record, "messages": [{**m, "weight": 0} if isinstance(m, dict) and m.get("role") == "assistant" else m for m in prompt] + completion}  # fmt: skip
+    messages, tools = record["messages"], record.get("tools")
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{where}: messages must be a non-empty list of {{role, content}}.")
+    for turn in messages:
+        if not isinstance(turn, dict) or turn.get("role") not in ROLES:
+            role = turn.get("role") if isinstance(turn, dict) else turn
+            raise UserError(f"{where}: unknown role {role!r}; use one of {', '.join(ROLES)}.")
+        if turn.get("weight", 1) not in (0, 1):
+            raise UserError(f"{where}: a message's weight must be 0 (not trained) or 1.")
+        calls = turn.get("tool_calls")
+        if calls is not None and not isinstance(calls, list):
+            raise UserError(f"{where}: tool_calls must be a list of {{type, function}} calls.")
+        if not (isinstance(turn.get("content"), str) or calls):
+            raise UserError(f"{where}: every message needs a string `content` (or tool_calls).")
+    if not any(turn["role"] == "assistant" for turn in messages):
+        raise UserError(f"{where}: no assistant message, so nothing to learn; add the answer.")
+    if tools is not None and not isinstance(tools, list):
+        raise UserError(f"{where}: tools must be a list of function schemas.")
+    # Fields a template does not know stay; None (what Arrow gives absent fields) goes.
+    clean = [{k: v for k, v in turn.items() if v is not None} for turn in messages]
+    return {"messages": json.dumps(clean), "tools": json.dumps(tools or [])}
 
 
 @dataclass(frozen=True)

@@ -284,6 +284,28 @@ class ResumePlan:
     finished: bool = False  # the folder holds this run's finished model: nothing to do
 
 
+def run_identity(model_args, lora, data) -> dict:
+    """What a run is, flag by flag: a rerun that changes one of these is another run."""
+
+    def described(path: str | None) -> str | None:
+        return (
+            f"{path} ({Path(path).stat().st_size:,} bytes)"
+            if path and Path(path).is_file()
+            else path
+        )
+
+    return {
+        "--model_name_or_path": model_args.model_name_or_path or model_args.model_type,
+        "--config_overrides": model_args.config_overrides,
+        "--train_file": described(data.train_file),
+        "--dataset_name": data.dataset_name,
+        "--block_size": data.block_size,
+        "--use_peft": lora.use_peft,
+        "--lora_r": lora.lora_r if lora.use_peft else None,
+        "--load_in_4bit": lora.load_in_4bit,
+    }
+
+
 def changes(output_dir: Path, identity: dict) -> list[str]:
     """How this command's run differs from the one whose checkpoints are in `output_dir`."""
     saved = output_dir / RUN_FILE

@@ -40,7 +40,6 @@ from common import UserError, arg, say
 PROG = "run_clm.py"
 EXTENSIONS = {".csv": "csv", ".txt": "txt", ".json": "json", ".jsonl": "json"}
 DEFAULT_CHAT_TEMPLATE = Path(__file__).with_name("chat_template.jinja")
-ROLES = ("system", "user", "assistant", "tool")
 FEATURES = {
     "text": datasets.Features(
         {
@@ -361,32 +360,7 @@ def checked(record: Any, where: str, shape: str) -> dict:
         if not completion.strip():
             raise UserError(f"{where}: the completion is empty; give every prompt its answer.")
         return {"prompt": prompt, "completion": completion}
-    if "messages" not in record:  # TRL's conversational prompt/completion: the prompt is context
-        prompt, completion = record["prompt"], record["completion"]
-        if not isinstance(completion, list):
-            raise UserError(f"{where}: prompt and completion must both be lists of messages.")
-        record = {**record, "messages": [{**m, "weight": 0} if isinstance(m, dict) and m.get("role") == "assistant" else m for m in prompt] + completion}  # fmt: skip
-    messages, tools = record["messages"], record.get("tools")
-    if not isinstance(messages, list) or not messages:
-        raise UserError(f"{where}: messages must be a non-empty list of {{role, content}}.")
-    for turn in messages:
-        if not isinstance(turn, dict) or turn.get("role") not in ROLES:
-            role = turn.get("role") if isinstance(turn, dict) else turn
-            raise UserError(f"{where}: unknown role {role!r}; use one of {', '.join(ROLES)}.")
-        if turn.get("weight", 1) not in (0, 1):
-            raise UserError(f"{where}: a message's weight must be 0 (not trained) or 1.")
-        calls = turn.get("tool_calls")
-        if calls is not None and not isinstance(calls, list):
-            raise UserError(f"{where}: tool_calls must be a list of {{type, function}} calls.")
-        if not (isinstance(turn.get("content"), str) or calls):
-            raise UserError(f"{where}: every message needs a string `content` (or tool_calls).")
-    if not any(turn["role"] == "assistant" for turn in messages):
-        raise UserError(f"{where}: no assistant message, so nothing to learn; add the answer.")
-    if tools is not None and not isinstance(tools, list):
-        raise UserError(f"{where}: tools must be a list of function schemas.")
-    # Fields a template does not know stay; None (what Arrow gives absent fields) goes.
-    clean = [{k: v for k, v in turn.items() if v is not None} for turn in messages]
-    return {"messages": json.dumps(clean), "tools": json.dumps(tools or [])}
+    return chats.checked(record, where)
 
 
 def generate(
@@ -449,7 +423,10 @@ def read_split(flag: str, path: str, data: DataArguments, rule: str | None) -> d
             "keep_linebreaks": data.keep_linebreaks,
             "stamp": (str(Path(path).absolute()), stat.st_size, stat.st_mtime_ns),
             "code": Hasher.hash(
-                [inspect.getsource(f) for f in (generate, txt_records, document, checked, pieces)]
+                [
+                    inspect.getsource(f)
+                    for f in (generate, txt_records, document, checked, pieces, chats.checked)
+                ]
             ),
         }
         try:

@@ -241,28 +241,6 @@ def validate(model_args, lora, data, run, training) -> None:
         )
 
 
-def run_identity(model_args: ModelArguments, lora: LoraArguments, data) -> dict:
-    """What a run is, flag by flag: a rerun that changes one of these is another run."""
-
-    def described(path: str | None) -> str | None:
-        return (
-            f"{path} ({Path(path).stat().st_size:,} bytes)"
-            if path and Path(path).is_file()
-            else path
-        )
-
-    return {
-        "--model_name_or_path": model_args.model_name_or_path or model_args.model_type,
-        "--config_overrides": model_args.config_overrides,
-        "--train_file": described(data.train_file),
-        "--dataset_name": data.dataset_name,
-        "--block_size": data.block_size,
-        "--use_peft": lora.use_peft,
-        "--lora_r": lora.lora_r if lora.use_peft else None,
-        "--load_in_4bit": lora.load_in_4bit,
-    }
-
-
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -578,7 +556,7 @@ def train_and_evaluate(model_args, lora, data, run, training) -> None:
         # checks the batch against the world size it finds (1 before the ranks have met).
         deepspeed.init_distributed()
     wandb_offline_unless_logged_in(training)
-    plan, identity = checkpoints.ResumePlan(), run_identity(model_args, lora, data)
+    plan, identity = checkpoints.ResumePlan(), checkpoints.run_identity(model_args, lora, data)
     if training.do_train:
         plan = checkpoints.resume_plan(
             output_dir, run.overwrite_output_dir, training.resume_from_checkpoint, identity
