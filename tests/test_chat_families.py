@@ -99,23 +99,29 @@ def test_a_template_that_refuses_a_record_is_one_line_naming_it(tmp_path):
     )
 
 
-def test_a_qwen3_chat_fine_tune_answers_through_plain_transformers_and_stops(tmp_path):
-    tokenizer = family_tokenizer("qwen3")
-    tokenizer.eos_token = "<|endoftext|>"  # a base model: its EOS is not the turn's end
+def fine_tune(tmp_path, family: str, chat: list[dict], positions: int):
+    """A tiny base model whose EOS is <|endoftext|> (only the turn-end ids saved with the trained
+    folder can stop it), fine-tuned on one chat under the family's template until it knows it.
+    Returns the saved folder's model and tokenizer, loaded by plain transformers."""
+    tokenizer = family_tokenizer(family)
+    tokenizer.eos_token = "<|endoftext|>"
     torch.manual_seed(0)
-    base = tiny_model("qwen3", vocab_size=len(tokenizer))
+    base = tiny_model("qwen3", positions=positions, vocab_size=len(tokenizer))
     base.config.eos_token_id = base.generation_config.eos_token_id = tokenizer.eos_token_id
     base.save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
-    # One exchange: Qwen3's training template keeps an empty think in earlier turns, which its
-    # inference template drops, so a tiny model that memorised history would see another prompt.
-    chat = [CHAT[0], *CHAT[3:]]
     (tmp_path / "chats.jsonl").write_text(json.dumps({"messages": chat}) + "\n")
     run_clm.main(["--model_name_or_path", str(tmp_path / "base"), "--train_file", str(tmp_path / "chats.jsonl"),
                   "--do_train", "--output_dir", str(tmp_path / "out"), "--max_steps", "80",
-                  "--learning_rate", "1e-2", "--save_strategy", "no", "--block_size", "128"])  # fmt: skip
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    saved = AutoTokenizer.from_pretrained(tmp_path / "out")
+                  "--learning_rate", "1e-2", "--save_strategy", "no", "--block_size", str(positions)])  # fmt: skip
+    return AutoModelForCausalLM.from_pretrained(tmp_path / "out"), AutoTokenizer.from_pretrained(tmp_path / "out")  # fmt: skip
+
+
+def test_a_qwen3_chat_fine_tune_answers_through_plain_transformers_and_stops(tmp_path):
+    # One exchange: Qwen3's training template keeps an empty think in earlier turns, which its
+    # inference template drops, so a tiny model that memorised history would see another prompt.
+    chat = [CHAT[0], *CHAT[3:]]
+    model, saved = fine_tune(tmp_path, "qwen3", chat, 128)
     prompt = saved.apply_chat_template(chat[:2], add_generation_prompt=True, return_tensors="pt", return_dict=True)  # fmt: skip
     out = model.generate(**prompt, max_new_tokens=20, do_sample=False)[
         0, prompt["input_ids"].shape[1] :
@@ -132,19 +138,7 @@ def test_a_qwen3_chat_fine_tune_answers_through_plain_transformers_and_stops(tmp
 def test_a_multi_turn_fine_tune_answers_the_last_turn_and_stops(tmp_path, family):
     """Through each family's shipped template and plain transformers: the base model's EOS is
     <|endoftext|>, so only the turn-end ids saved in generation_config.json can stop it."""
-    tokenizer = family_tokenizer(family)
-    tokenizer.eos_token = "<|endoftext|>"
-    torch.manual_seed(0)
-    base = tiny_model("qwen3", positions=256, vocab_size=len(tokenizer))
-    base.config.eos_token_id = base.generation_config.eos_token_id = tokenizer.eos_token_id
-    base.save_pretrained(tmp_path / "base")
-    tokenizer.save_pretrained(tmp_path / "base")
-    (tmp_path / "chats.jsonl").write_text(json.dumps({"messages": CHAT}) + "\n")
-    run_clm.main(["--model_name_or_path", str(tmp_path / "base"), "--train_file", str(tmp_path / "chats.jsonl"),
-                  "--do_train", "--output_dir", str(tmp_path / "out"), "--max_steps", "80",
-                  "--learning_rate", "1e-2", "--save_strategy", "no", "--block_size", "256"])  # fmt: skip
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    saved = AutoTokenizer.from_pretrained(tmp_path / "out")
+    model, saved = fine_tune(tmp_path, family, CHAT, 256)
     history = chats.folded(CHAT[:4]) if family == "gemma" else CHAT[:4]  # no system role
     prompt = saved.apply_chat_template(history, add_generation_prompt=True, return_tensors="pt", return_dict=True)  # fmt: skip
     out = model.generate(**prompt, max_new_tokens=30, do_sample=False)[0, prompt["input_ids"].shape[1] :]  # fmt: skip
