@@ -352,6 +352,7 @@ def load_model(args: ModelArguments, lora: LoraArguments, training, tokenizer, c
         model.resize_token_embeddings(len(tokenizer))
     # Recomputed activations and a KV cache do not mix; training never needs the cache.
     model.config.use_cache = False
+    model.loss_type = "ForCausalLM"  # what transformers falls back to anyway, with a warning
     # The loss from chunks of the LM head over the trained positions, never every position's
     # fp32 logits (GPT2-XL's are 1.6 GB at the guide's batch); before peft wraps the forward.
     fused_loss.fuse_loss(model)
