@@ -397,15 +397,13 @@ def training_dtype(args: ModelArguments, lora: LoraArguments, training) -> str:
     return "float32"
 
 
-def saved_dtype(args: ModelArguments) -> torch.dtype:
-    """--dtype, or under auto the dtype the checkpoint was saved in (a new model: fp32)."""
+def saved_dtype(args: ModelArguments, config) -> torch.dtype:
+    """--dtype, or under auto the dtype the checkpoint was saved in (a new model: fp32). Read
+    from the config before the weights load: loading them in fp32 rewrites it."""
     if args.dtype != "auto":
         return getattr(torch, args.dtype)
     if args.model_name_or_path is None:
         return torch.float32
-    config = AutoConfig.from_pretrained(
-        args.config_name or args.model_name_or_path, **hub_options(args)
-    )
     dtype = getattr(torch, config.dtype) if isinstance(config.dtype, str) else config.dtype
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
@@ -589,6 +587,7 @@ def train_and_evaluate(model_args, lora, data, run, training) -> None:
         )
         return
     transformers.set_seed(training.seed)  # a new model's or adapter's first weights, as HF's
+    keep = saved_dtype(model_args, config)
     model = load_model(model_args, lora, training, tokenizer, config)
     for settings in (model.config, model.generation_config):
         if settings.pad_token_id is None:  # else the Trainer aligns them, and says so
@@ -672,7 +671,7 @@ def train_and_evaluate(model_args, lora, data, run, training) -> None:
                     else stopper.reason
                 )
             )
-        keep = model.dtype if lora.use_peft or training.deepspeed else saved_dtype(model_args)
+        keep = model.dtype if lora.use_peft or training.deepspeed else keep
         if keep != model.dtype:
             say(
                 f"weights trained in {model.dtype}, saved in {keep} as the checkpoint was "
