@@ -17,6 +17,7 @@ import os
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import uuid
 from dataclasses import dataclass, field
@@ -73,15 +74,21 @@ def write_atomically(path: Path, text: str) -> None:
     fsync_path(path.parent)
 
 
-def seal(checkpoint: Path) -> None:
-    """Mark a checkpoint complete once every file in it is on disk, so a power cut cannot fake one."""
+def seal(checkpoint: Path, shape: dict) -> None:
+    """Mark a checkpoint complete once every file in it is on disk, so a power cut cannot fake one.
+    The marker also records the machine shape that wrote it, which a resume elsewhere needs."""
     for path in sorted(checkpoint.rglob("*"), reverse=True):
         fsync_path(path)
     fsync_path(checkpoint)
-    write_atomically(
-        checkpoint / COMPLETE_MARKER,
-        "every file of this checkpoint was on disk when this was written\n",
-    )
+    write_atomically(checkpoint / COMPLETE_MARKER, json.dumps(shape, indent=1))
+
+
+def shape_of(training: TrainingArguments) -> dict:
+    return {
+        "ranks": training.world_size,
+        "per_device_train_batch_size": training.per_device_train_batch_size,
+        "gradient_accumulation_steps": training.gradient_accumulation_steps,
+    }
 
 
 def prune(output_dir: Path, keep: int | None, protect: Path | None) -> None:
@@ -121,7 +128,7 @@ class Sealer(TrainerCallback):
         wait_for_everyone()
         if args.should_save:
             output_dir = Path(args.output_dir)
-            seal(output_dir / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            seal(output_dir / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", shape_of(args))
             best = Path(state.best_model_checkpoint) if state.best_model_checkpoint else None
             prune(output_dir, self.keep, best)
         wait_for_everyone()
@@ -385,6 +392,98 @@ def resume_command() -> str:
     return shlex.join([*launcher, sys.argv[0], *flags])
 
 
+def saved_shape(checkpoint: Path) -> dict | None:
+    """The ranks and batch that wrote `checkpoint`, from its marker (None: sealed before markers held them)."""
+    try:
+        return json.loads((checkpoint / COMPLETE_MARKER).read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
+
+
+def batch_for(saved: dict, ranks: int, most: int, checkpoint: Path) -> tuple[int, int]:
+    """The per-device batch (the largest up to the command's `most`) and accumulation steps that
+    keep the saved run's global batch on `ranks` ranks: the data position and the learning-rate
+    schedule are counted in optimizer steps, so a step must take as many examples as before."""
+    total = saved["ranks"] * saved["per_device_train_batch_size"] * saved["gradient_accumulation_steps"]  # fmt: skip
+    for steps in range(1, total // ranks + 1):
+        batch, left = divmod(total, ranks * steps)
+        if not left and batch <= most:
+            return batch, steps
+    fits = ", ".join(str(n) for n in range(1, total + 1) if total % n == 0)
+    raise UserError(
+        f"--num_gpus: {checkpoint} was trained with a global batch of {total} examples, which "
+        f"{ranks} ranks cannot share evenly; resume on {fits} GPUs in all, or pass "
+        "--overwrite_output_dir to start over on this machine."
+    )
+
+
+def reshape(training: TrainingArguments, checkpoint: Path) -> None:
+    """Resume on another number of ranks than saved `checkpoint`: the same global batch, and
+    DeepSpeed's optimizer states in its universal form, which any number of ranks can load."""
+    saved = saved_shape(checkpoint)
+    if saved is None or saved["ranks"] == training.world_size:
+        return
+    most = training.per_device_train_batch_size
+    batch, steps = batch_for(saved, training.world_size, most, checkpoint)
+    say(
+        PROG,
+        f"{checkpoint.name} was saved by {saved['ranks']} rank(s), this run has {training.world_size}: "
+        f"--per_device_train_batch_size {batch} --gradient_accumulation_steps {steps} keep its "
+        f"global batch of {batch * steps * training.world_size} examples.",
+    )
+    training.per_device_train_batch_size, training.gradient_accumulation_steps = batch, steps
+    if not training.deepspeed:
+        return  # the Trainer's optimizer.pt is whole, whatever the number of ranks
+    universal(checkpoint, saved["ranks"])
+    # As the Trainer rebuilds it for a hyperparameter search: the JSON's "auto"s take the new batch.
+    from accelerate.utils import DeepSpeedPlugin
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    training.deepspeed = {**training.deepspeed, "checkpoint": {"load_universal": True}}
+    training.hf_deepspeed_config = HfTrainerDeepSpeedConfig(training.deepspeed)
+    training.hf_deepspeed_config.trainer_config_process(training)
+    training.deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=training.hf_deepspeed_config)
+
+
+def universal(checkpoint: Path, ranks: int) -> None:
+    """Convert the DeepSpeed states in `checkpoint` once, on rank 0, beside the originals. Sealed:
+    `latest_universal` is written last, so a conversion killed midway is simply done again."""
+    tag = (checkpoint / "latest").read_text(encoding="utf-8").strip()
+    converted, partial = checkpoint / f"{tag}_universal", checkpoint / "universal.partial"
+    problem = [None]
+    if is_main_process() and not (checkpoint / "latest_universal").is_file():
+        for leftover in (partial, converted):
+            shutil.rmtree(leftover, ignore_errors=True)
+        # The converter's scratch slices and its output each take about what the states take.
+        states = sum(f.stat().st_size for f in (checkpoint / tag).rglob("*") if f.is_file())
+        say(PROG, f"converting {checkpoint.name} for {readable(states)} of states to DeepSpeed's universal form (once).")  # fmt: skip
+        try:
+            check_disk(checkpoint, 2 * states, f"converting {checkpoint.name} for another number of ranks")  # fmt: skip
+            done = subprocess.run(
+                [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                 str(checkpoint / tag), "--output_folder", str(partial / converted.name),
+                 "--inject_missing_state"],
+                capture_output=True, text=True,
+            )  # fmt: skip
+            if done.returncode:
+                last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+                raise UserError(
+                    f"{checkpoint}: DeepSpeed could not convert it for another number of ranks "
+                    f"({last}); resume on {ranks} GPU(s), as it was saved."
+                )
+            for path in sorted((partial / converted.name).rglob("*"), reverse=True):
+                fsync_path(path)
+            os.replace(partial / converted.name, converted)
+            write_atomically(checkpoint / "latest_universal", converted.name)
+            shutil.rmtree(partial)
+        except UserError as error:
+            problem = [str(error)]
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(problem, src=0)  # and every rank waits for the conversion
+    if problem[0]:
+        raise UserError(problem[0])
+
+
 def carry_out(plan: ResumePlan) -> None:
     """Delete what the plan names (rank 0 only), once the data and the model have been checked."""
     for message in plan.messages:
@@ -407,14 +506,14 @@ def checkpoint_bytes(saved: int, trainable: int, weight_bytes: int, deepspeed: b
     return saved * weight_bytes + 2 * weight_bytes * trainable
 
 
-def check_disk(output_dir: Path, needed: int) -> None:
+def check_disk(output_dir: Path, needed: int, what: str = "one checkpoint") -> None:
     probe = output_dir
     while not probe.exists():
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if free < needed:
         raise UserError(
-            f"--output_dir {output_dir}: {readable(free)} free, one checkpoint needs about "
+            f"--output_dir {output_dir}: {readable(free)} free, {what} needs about "
             f"{readable(needed)}; free space, or point --output_dir at a bigger disk."
         )
 

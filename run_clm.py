@@ -566,6 +566,8 @@ def train_and_evaluate(model_args, lora, data, run, training) -> None:
             "pass --overwrite_output_dir or choose another --output_dir."
         )
         return
+    if plan.checkpoint:  # another number of GPUs? Before any weights load: converting takes memory
+        checkpoints.reshape(training, Path(plan.checkpoint))
 
     # Data problems show up in seconds, before a multi-gigabyte model is loaded.
     tokenizer = load_tokenizer(model_args)
@@ -715,6 +717,11 @@ def train_and_evaluate(model_args, lora, data, run, training) -> None:
         checkpoints.write_atomically(
             output_dir / checkpoints.FINAL_MARKER, json.dumps(results, indent=4)
         )
+    # Every rank leaves together: one that exits while rank 0 still writes the model can abort in
+    # its communication threads' teardown ("terminate called without an active exception").
+    checkpoints.wait_for_everyone()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> None:
