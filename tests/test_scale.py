@@ -185,18 +185,31 @@ def test_however_a_run_is_stopped_on_whatever_number_of_gpus_it_resumes_onto_the
         assert after[step] == pytest.approx(two_ranks[step], rel=1e-4), (step, stops, after, two_ranks)  # fmt: skip
 
 
+def zero3(model: Path, ranks: int, out: str, *extra: str) -> list[str]:
+    """A ZeRO-3 run in bf16 with the command line's batch of 4 a rank; on one rank it starts as
+    `python run_clm.py --deepspeed ...`, one process and no launcher."""
+    argv = command(model, ranks, 4, out, "ds_config_zero3.json", "--max_steps", "8", *extra)
+    argv = [a for a in argv if a != "--fp16"] + ["--bf16"]
+    return argv if ranks > 1 else ["python", *argv[argv.index("run_clm.py") :]]
+
+
+@pytest.fixture(scope="module")
+def zero3_full(folder, no_dropout_model) -> str:
+    return finish(zero3(no_dropout_model, 1, "z3-full", "--save_strategy", "no"), folder)
+
+
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_zero3_trains_in_bf16_and_saves_a_normal_model_folder(folder, tiny_gpt2, lora):
+def test_zero3_trains_in_bf16_and_saves_a_normal_model_folder(folder, tiny_gpt2, no_dropout_model, lora, request):  # fmt: skip
     """--bf16 on a CPU works (the script sets use_cpu); ZeRO-3 gathers the weights at save, or
-    the LoRA adapter, which is then merged into the base model. The full run starts as
-    `python run_clm.py --deepspeed ...`, one process and no launcher; the LoRA run on two ranks,
-    whose weights ZeRO-3 splits as they load (it once failed there, before the ranks had met)."""
+    the LoRA adapter, which is then merged into the base model. The full run is one process
+    with no launcher; the LoRA run has two ranks, whose weights ZeRO-3 splits as they load (it
+    once failed there, before the ranks had met)."""
     out = f"z3-{'lora' if lora else 'full'}"
-    ranks, batch = (2, 2) if lora else (1, 4)
-    argv = command(tiny_gpt2, ranks, batch, out, "ds_config_zero3.json", "--max_steps", "4", "--save_strategy", "no")  # fmt: skip
-    if not lora:
-        argv = ["python", *argv[argv.index("run_clm.py") :]]
-    log = finish([a for a in argv if a != "--fp16"] + ["--bf16"] + ["--use_peft"] * lora, folder)
+    if lora:
+        argv = command(tiny_gpt2, 2, 2, out, "ds_config_zero3.json", "--max_steps", "4", "--save_strategy", "no")  # fmt: skip
+        log = finish([a for a in argv if a != "--fp16"] + ["--bf16", "--use_peft"], folder)
+    else:
+        log, tiny_gpt2 = request.getfixturevalue("zero3_full"), no_dropout_model
     assert "DeepSpeed ZeRO stage 3: DeepSpeedZeroOptimizer_Stage3 over DeepSpeedCPUAdam" in log
     reloaded = AutoModelForCausalLM.from_pretrained(folder / out)
     original = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
@@ -235,3 +248,76 @@ def test_an_output_dir_the_nodes_do_not_share_is_refused_on_every_node(tmp_path,
         assert errors and "--output_dir out: not shared by all nodes" in errors[0] and "--save_on_each_node" in errors[0], stderr[-3000:]  # fmt: skip
     assert time.monotonic() - began < 120
     assert not (tmp_path / "node0" / "out" / "checkpoint-1").exists()
+
+
+def test_a_zero3_run_stopped_on_one_gpu_resumes_on_two_onto_the_same_losses(folder, no_dropout_model, zero3_full):  # fmt: skip
+    """Stopped by SIGTERM as `python run_clm.py`, finished by the deepspeed launcher on two ranks:
+    the per-device batch halves to keep the global batch, and the curve goes on, not restarts."""
+    process = start(zero3(no_dropout_model, 1, "z3-stopped"), folder)
+    seen = read_until_losses(process, 3)
+    process.send_signal(signal.SIGTERM)
+    seen.extend(process.stdout)
+    assert wait_for_group(process) < 60
+    assert "checkpoint saved. Run the same command again to resume." in "".join(seen)
+    (saved,) = complete_checkpoints(folder / "z3-stopped")
+    stopped_at = int(saved.split("-")[1])
+    assert 3 <= stopped_at < 8
+    resumed = finish(zero3(no_dropout_model, 2, "z3-stopped"), folder)
+    assert (
+        f"{saved} was saved by 1 rank(s), this run has 2: --per_device_train_batch_size 2 "
+        "--gradient_accumulation_steps 1 keep its global batch of 4 examples." in resumed
+    ), resumed[-3000:]
+    after, reference = losses(folder / "z3-stopped"), losses(folder / "z3-full")
+    assert sorted(after) == sorted(reference) == list(range(1, 9))
+    # A resume that silently started afresh (DeepSpeed #6691) would be back near step 1's loss.
+    assert reference[stopped_at + 1] < reference[1] - 0.1, reference
+    for step in after:
+        assert after[step] == pytest.approx(reference[step], rel=1e-3), (step, after, reference)
+
+
+def test_a_conversion_killed_midway_is_done_again_and_the_disk_is_checked_first(folder, two_ranks, tmp_path, monkeypatch):  # fmt: skip
+    """The universal form counts only once `latest_universal` is written, after every file."""
+    import shutil
+    import sys
+
+    sys.path.insert(0, str(folder))
+    import checkpoints
+    from common import UserError
+
+    def files(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}  # fmt: skip
+
+    saved = folder / "two" / f"checkpoint-{STEPS}"
+    checkpoint, clean = tmp_path / "out" / saved.name, tmp_path / "clean" / saved.name
+    shutil.copytree(saved, checkpoint)
+    shutil.copytree(saved, clean)
+    original = files(checkpoint)
+    full = shutil.disk_usage(tmp_path)
+    with monkeypatch.context() as patched:
+        patched.setattr(shutil, "disk_usage", lambda _: full._replace(free=2**20))
+        with pytest.raises(UserError, match=f"1 MiB free, converting {saved.name} for another number of ranks needs about"):  # fmt: skip
+            checkpoints.universal(checkpoint, 2)
+    assert files(checkpoint) == original  # refused before anything was written
+
+    def killed_midway(argv, **kwargs):
+        converter = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        merged = checkpoint / "universal.partial" / f"global_step{STEPS}_universal" / "zero"
+        while not (merged.is_dir() and any(merged.iterdir())):
+            assert converter.poll() is None, "the conversion ended before it could be killed"
+            time.sleep(0.002)
+        converter.kill()  # as a power cut or a second preemption would
+        converter.wait()
+        raise SystemExit(137)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(subprocess, "run", killed_midway)
+        with pytest.raises(SystemExit):
+            checkpoints.universal(checkpoint, 2)
+    assert not (checkpoint / "latest_universal").exists()
+    checkpoints.universal(checkpoint, 2)  # the rerun converts again, from the start
+    checkpoints.universal(clean, 2)  # and the same states, converted without a kill
+    converted = files(checkpoint)
+    assert converted == files(clean)
+    assert {name: converted[name] for name in original} == original  # the original states stay
+    assert not (checkpoint / "universal.partial").exists()
+    assert (checkpoint / "latest_universal").read_text() == f"global_step{STEPS}_universal"
