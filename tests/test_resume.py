@@ -9,8 +9,10 @@ import shutil
 import signal
 import sys
 import time
+from pathlib import Path
 
 import pytest
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from launch import (  # fmt: skip
     complete_checkpoints,
@@ -23,7 +25,7 @@ from launch import (  # fmt: skip
     wait_for_group,
     workdir,
 )
-from tiny import REPO
+from tiny import REPO, save_tiny
 
 sys.path.insert(0, str(REPO))
 import run_clm
@@ -170,3 +172,57 @@ def test_a_rerun_that_changes_the_run_resumes_nothing_and_the_same_command_resum
         "not deleting it (delete the folder to start over)." in capsys.readouterr().out
     )
     assert (tmp_path / "out" / "checkpoint-2").is_dir()
+
+
+def test_a_torchrun_run_on_two_ranks_resumes_in_one_process_with_the_same_global_batch(tmp_path, monkeypatch, capsys):  # fmt: skip
+    """Without DeepSpeed the optimizer file is whole: only the batch has to change shape."""
+    folder = workdir(tmp_path)
+    (folder / "train.txt").write_text(training_text(), encoding="utf-8")
+    save_tiny(folder / "m", "gpt2")  # then without dropout, which draws per rank
+    config = GPT2Config.from_pretrained(folder / "m", resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
+    GPT2LMHeadModel.from_pretrained(folder / "m", config=config).save_pretrained(folder / "m")
+    flags = ["run_clm.py", "--model_name_or_path", "m", "--train_file", "train.txt", "--do_train",
+             "--output_dir", "out", "--max_steps", "4", "--block_size", "32", "--save_steps", "2",
+             "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--logging_steps", "1"]  # fmt: skip
+    done = run(["torchrun", "--nproc_per_node=2", "--master_port", str(free_port()), *flags], cwd=folder)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    reference = losses(folder / "out")
+    # As if the machine died after checkpoint-2; it comes back with one GPU and no launcher.
+    shutil.rmtree(folder / "out" / "checkpoint-4")
+    (folder / "out" / "all_results.json").unlink()
+    monkeypatch.chdir(folder)
+    capsys.readouterr()
+    run_clm.main(flags[1:])
+    assert (
+        "checkpoint-2 was saved by 2 rank(s), this run has 1: --per_device_train_batch_size 2 "
+        "--gradient_accumulation_steps 2 keep its global batch of 4 examples."
+    ) in capsys.readouterr().out
+    after = losses(folder / "out")
+    assert sorted(after) == sorted(reference) == [1, 2, 3, 4]
+    assert reference[3] != pytest.approx(reference[1], rel=1e-2)  # a fresh start would show
+    for step in after:
+        assert after[step] == pytest.approx(reference[step], rel=1e-4), (step, after, reference)
+
+
+def test_the_global_batch_is_kept_on_any_number_of_gpus_that_can_share_it():
+    import checkpoints
+    from common import UserError
+
+    def shape(ranks: int, batch: int, steps: int) -> dict:
+        return {"ranks": ranks, "per_device_train_batch_size": batch, "gradient_accumulation_steps": steps}  # fmt: skip
+
+    where = Path("out/checkpoint-6")
+    assert checkpoints.batch_for(shape(2, 2, 1), 1, 2, where) == (2, 2)  # fewer GPUs: accumulate
+    assert checkpoints.batch_for(shape(2, 2, 1), 1, 1, where) == (1, 4)  # never past the command's
+    assert checkpoints.batch_for(shape(1, 4, 2), 2, 4, where) == (
+        4,
+        1,
+    )  # more GPUs: less accumulation
+    assert checkpoints.batch_for(shape(1, 8, 1), 4, 8, where) == (2, 1)  # or a smaller batch each
+    with pytest.raises(UserError) as refused:
+        checkpoints.batch_for(shape(2, 2, 1), 3, 2, where)
+    assert str(refused.value) == (
+        "--num_gpus: out/checkpoint-6 was trained with a global batch of 4 examples, which 3 ranks "
+        "cannot share evenly; resume on 1, 2, 4 GPUs in all, or pass --overwrite_output_dir to "
+        "start over on this machine."
+    )
