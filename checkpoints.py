@@ -244,8 +244,8 @@ class NonFiniteGuard(TrainerCallback):
         return control
 
 
-class GuardedTrainer(Trainer):
-    """The Trainer, showing each micro-step's loss to the NaN guard (no host sync for that)."""
+class Guarded:
+    """A Trainer (HF's, or TRL's), showing each micro-step's loss to the NaN guard (no host sync)."""
 
     guard = NonFiniteGuard(0)
 
@@ -253,6 +253,10 @@ class GuardedTrainer(Trainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.guard.observe(loss)
         return loss
+
+
+class GuardedTrainer(Guarded, Trainer):
+    pass
 
 
 def check_shared_output_dir(output_dir: Path, training: TrainingArguments) -> None:

@@ -35,6 +35,7 @@ from datasets.fingerprint import Hasher
 from jinja2 import TemplateError
 
 import chats
+import preference
 from common import UserError, arg, say
 
 PROG = "run_clm.py"
@@ -55,6 +56,7 @@ FEATURES = {
     "chat": datasets.Features(
         {"messages": datasets.Value("string"), "tools": datasets.Value("string")}
     ),
+    **preference.FEATURES,
 }
 # Long texts are tokenized as pieces of about this many characters, cut where the tokenizer
 # would end a token anyway: the same ids, spread by the Rust tokenizer over every core.
@@ -331,6 +333,8 @@ def json_records(path: str):
 def shape_of(record: Any) -> str | None:
     if not isinstance(record, dict):
         return None
+    if preference.shape_of(record):  # before prompt/completion: a labelled answer has both
+        return preference.shape_of(record)
     if "messages" in record:
         return "chat"
     if "prompt" in record and "completion" in record:  # as lists of messages: TRL's chat form
@@ -344,7 +348,8 @@ def checked(record: Any, where: str, shape: str) -> dict:
     if found is None:
         fields = ", ".join(record) if isinstance(record, dict) else type(record).__name__
         raise UserError(
-            f"{where}: none of the known fields (text; prompt and completion; messages), it has: "
+            f"{where}: none of the known fields (text; prompt and completion; messages; prompt, "
+            f"chosen and rejected; prompt, completion and label), it has: "
             f"{fields}; rename the fields or make the file with text2csv.py."
         )
     if found != shape:
@@ -360,6 +365,8 @@ def checked(record: Any, where: str, shape: str) -> dict:
         if not completion.strip():
             raise UserError(f"{where}: the completion is empty; give every prompt its answer.")
         return {"prompt": prompt, "completion": completion}
+    if shape in preference.SHAPES:
+        return preference.checked(record, where, shape)
     return chats.checked(record, where)
 
 
@@ -425,7 +432,15 @@ def read_split(flag: str, path: str, data: DataArguments, rule: str | None) -> d
             "code": Hasher.hash(
                 [
                     inspect.getsource(f)
-                    for f in (generate, txt_records, document, checked, pieces, chats.checked)
+                    for f in (
+                        generate,
+                        txt_records,
+                        document,
+                        checked,
+                        pieces,
+                        chats.checked,
+                        preference.checked,
+                    )
                 ]
             ),
         }

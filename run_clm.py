@@ -49,6 +49,7 @@ import checkpoints
 import clm_data
 import deepspeed_json
 import fused_loss
+import preference
 from checkpoints import GuardedTrainer
 from common import UserError, arg, fail
 
@@ -58,6 +59,10 @@ PROG = "run_clm.py"
 logging.getLogger("accelerate.accelerator").setLevel(logging.ERROR)
 # peft 0.21 still reads transformers 5's deprecated `is_gradient_checkpointing`.
 warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+# TRL 1.16's DPO/KTO switch checkpointing off for the reference pass by transformers 4's names.
+warnings.filterwarnings(
+    "ignore", "`gradient_checkpointing_(en|dis)able` is deprecated", FutureWarning
+)
 # On a CPU, accelerate sets the thread count itself and says so; nothing for a user to act on.
 warnings.filterwarnings("ignore", "OMP_NUM_THREADS/MKL_NUM_THREADS unset", UserWarning)
 # peft keeps grown embeddings with the adapter, as it should; run_clm.py says they grew.
@@ -131,7 +136,10 @@ class RunArguments:
     )
 
 
-ARGUMENTS = (ModelArguments, LoraArguments, clm_data.DataArguments, RunArguments, TrainingArguments)
+ARGUMENTS = (
+    ModelArguments, LoraArguments, clm_data.DataArguments, RunArguments,
+    preference.PreferenceArguments, TrainingArguments,
+)  # fmt: skip
 # Old spellings people still paste, and today's names.
 ALIASES = {
     "--evaluation_strategy": "--eval_strategy",
@@ -189,7 +197,7 @@ def parse_args(argv: list[str]):
     return tuple(built)
 
 
-def validate(model_args, lora, data, run, training) -> None:
+def validate(model_args, lora, data, run, _preference, training) -> None:
     """Every combination of flags that cannot work, refused before anything loads."""
     if not (model_args.model_name_or_path or model_args.model_type):
         raise UserError("--model_name_or_path is required (or --model_type to train from scratch).")
@@ -484,7 +492,10 @@ def plot_losses(log_history: list[dict], path: Path) -> dict[str, list[tuple[int
 
     figure, axes = plt.subplots(figsize=(7, 4))
     drawn = {}
-    for key, label in (("loss", "train loss"), ("eval_loss", "eval loss")):
+    curves = [("loss", "train loss"), ("eval_loss", "eval loss")]
+    # DPO and KTO runs: how far the model prefers the chosen answers, beside the loss.
+    curves += [("eval_rewards/margins", "eval reward margin"), ("eval_rewards/accuracies", "eval reward accuracy")]  # fmt: skip
+    for key, label in curves:
         points = [(e["step"], e[key]) for e in log_history if key in e and math.isfinite(e[key])]
         if points:
             drawn[label] = points
@@ -492,7 +503,7 @@ def plot_losses(log_history: list[dict], path: Path) -> dict[str, list[tuple[int
                 *zip(*points, strict=True), marker="o" if len(points) < 30 else None, label=label
             )
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.set(xlabel="optimizer step", ylabel="loss", title=path.parent.name)
+    axes.set(xlabel="optimizer step", ylabel="loss" if len(drawn) < 3 else "loss, reward", title=path.parent.name)  # fmt: skip
     axes.grid(alpha=0.3)
     if drawn:
         axes.legend()
@@ -539,7 +550,7 @@ def save_merged(model_args: ModelArguments, tokenizer, output_dir: Path, generat
 # ---------------------------------------------------------------- main
 
 
-def train_and_evaluate(model_args, lora, data, run, training) -> None:
+def train_and_evaluate(model_args, lora, data, run, options, training) -> None:
     output_dir = Path(training.output_dir)
     if training.deepspeed and "RANK" not in os.environ:
         # `python run_clm.py --deepspeed ...`: one process and no launcher to say so, so
@@ -578,12 +589,21 @@ def train_and_evaluate(model_args, lora, data, run, training) -> None:
     examples = data.examples or any("text" not in split.column_names for split in records.values())
     if examples and tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    chat = any("messages" in split.column_names for split in records.values())
+    tuning = preference.shape_of_sets(records)  # DPO or KTO records, or None
+    chat = any(
+        "messages" in split.column_names or (tuning and split[0]["prompt"].startswith("["))
+        for split in records.values()
+    )
     if chat:  # saved with the model, so generation renders prompts the way training saw them
         tokenizer.chat_template = clm_data.chat_template(tokenizer, data)
-    with training.main_process_first(desc="tokenizing"):
-        sets = clm_data.tokenize(records, tokenizer, data, block_size, training)
-    if data.show_examples:  # before any weights load: a laptop can check a GPU run's data
+    if tuning:  # TRL's trainers tokenize their records themselves
+        sets = {split: preference.for_trl(rows) for split, rows in records.items()}
+    else:
+        with training.main_process_first(desc="tokenizing"):
+            sets = clm_data.tokenize(records, tokenizer, data, block_size, training)
+    if (
+        data.show_examples and not tuning
+    ):  # before any weights load: a laptop can check a GPU run's data
         clm_data.show_examples(
             sets.get("train", sets.get("validation")), tokenizer, data.show_examples
         )
@@ -638,15 +658,21 @@ def train_and_evaluate(model_args, lora, data, run, training) -> None:
 
     stopper, sealer = checkpoints.StopOnSignal(), checkpoints.Sealer(training.save_total_limit)
     training.save_total_limit = None  # the Sealer rotates, after sealing
-    trainer = GuardedTrainer(
-        model=model,
-        args=training,
-        train_dataset=train_set,
-        eval_dataset=eval_set,
-        processing_class=tokenizer,
-        data_collator=collator_for(model, tokenizer, data, examples),
-        callbacks=[stopper, sealer, ReportEngine()],
-    )
+    common_kwargs = {
+        "train_dataset": train_set,
+        "eval_dataset": eval_set,
+        "processing_class": tokenizer,
+        "callbacks": [stopper, sealer, ReportEngine()],
+    }
+    if tuning:
+        trainer = preference.trainer(tuning, model, training, options, block_size, **common_kwargs)
+    else:
+        trainer = GuardedTrainer(
+            model=model,
+            args=training,
+            data_collator=collator_for(model, tokenizer, data, examples),
+            **common_kwargs,
+        )
     trainer.guard = checkpoints.NonFiniteGuard(run.max_nonfinite_steps)
     trainer.add_callback(trainer.guard)
 
@@ -685,7 +711,8 @@ def train_and_evaluate(model_args, lora, data, run, training) -> None:
         trainer.log_metrics("train", results)
         trainer.save_metrics("train", results, combined=False)
         trainer.save_state()
-        if lora.use_peft and not training.deepspeed:
+        # A preference run's eval needs the reference: the adapter switched off, so not merged yet.
+        if lora.use_peft and not training.deepspeed and not tuning:
             # The folder holds the adapter merged into the 16-bit base, which is not the model
             # that trained (QLoRA's was 4-bit): the eval below measures the merged one.
             if trainer.is_world_process_zero():
@@ -700,15 +727,16 @@ def train_and_evaluate(model_args, lora, data, run, training) -> None:
     if training.do_eval:
         metrics = trainer.evaluate()
         metrics["eval_samples"] = len(eval_set)
-        metrics["perplexity"] = (
-            math.exp(metrics["eval_loss"]) if metrics["eval_loss"] < 700 else float("inf")
-        )
+        if not tuning:  # a preference loss is no log-likelihood
+            metrics["perplexity"] = (
+                math.exp(metrics["eval_loss"]) if metrics["eval_loss"] < 700 else float("inf")
+            )
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics, combined=False)
         results.update(metrics)
 
     if trainer.is_world_process_zero():
-        if training.do_train and lora.use_peft and training.deepspeed:
+        if training.do_train and lora.use_peft and (training.deepspeed or tuning):
             save_merged(model_args, tokenizer, output_dir, model.generation_config)
         if training.do_train:
             plot_losses(trainer.state.log_history, output_dir / "loss.png")

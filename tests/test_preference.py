@@ -1,0 +1,183 @@
+"""Preference tuning: DPO pairs and KTO labelled answers, on TRL's trainers, in run_clm.py's run.
+
+The DPO runs go through the deepspeed launcher (ZeRO-2, CPU Adam), in full and with LoRA, whose
+reference is the base with the adapter switched off."""
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch import (
+    complete_checkpoints,
+    free_port,
+    losses,
+    python_warnings,
+    read_until_losses,
+    run,
+    start,
+    wait_for_group,
+    workdir,
+)
+from tiny import REPO
+
+sys.path.insert(0, str(REPO))
+import run_clm
+
+NAMES = ["Ada", "Bob", "Cy", "Dee", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jo", "Kay", "Lu"]
+POLITE = [" yes, gladly.", " of course, friend.", " happy to help."]
+RUDE = [" no, go away.", " leave me be.", " ask someone else."]
+STEPS = 12
+
+
+def pairs(count: int, first: int = 0) -> list[dict]:
+    return [
+        {
+            "prompt": f"{NAMES[i % len(NAMES)]} asks favour {i}. Answer:",
+            "chosen": POLITE[i % 3],
+            "rejected": RUDE[(i // 3) % 3],
+        }
+        for i in range(first, first + count)
+    ]
+
+
+def write(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def dpo_command(model: Path, out: str, *extra: str) -> list[str]:
+    return [
+        "deepspeed", "--master_port", str(free_port()), "--num_gpus=1", "run_clm.py",
+        "--deepspeed", "ds_config.json", "--model_name_or_path", str(model),
+        "--train_file", "pairs.jsonl", "--validation_file", "held_out.jsonl", "--do_train",
+        "--do_eval", "--output_dir", out, "--max_steps", str(STEPS), "--per_device_train_batch_size", "8",
+        "--logging_steps", "1", "--eval_strategy", "steps", "--eval_steps", "6", "--eval_on_start",
+        "--beta", "0.1", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    path = workdir(tmp_path_factory.mktemp("preference"))
+    write(path / "pairs.jsonl", pairs(96))
+    write(path / "held_out.jsonl", pairs(16, first=200))
+    return path
+
+
+FLAGS = {"full": ["--learning_rate", "5e-4"], "lora": ["--learning_rate", "5e-3", "--use_peft"]}
+
+
+@pytest.fixture(scope="module")
+def dpo_runs(folder, tiny_gpt2) -> dict[str, str]:
+    logs = {}
+    for kind, flags in FLAGS.items():
+        done = run(dpo_command(tiny_gpt2, f"dpo-{kind}", *flags), cwd=folder)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert not python_warnings(done.stderr), python_warnings(done.stderr)
+        logs[kind] = done.stdout + done.stderr
+    return logs
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_dpo_through_the_launcher_learns_to_prefer_the_chosen_answers(folder, dpo_runs, kind):
+    out = folder / f"dpo-{kind}"
+    assert "DeepSpeed ZeRO stage 2: DeepSpeedZeroOptimizer over DeepSpeedCPUAdam" in dpo_runs[kind]
+    evals = [e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "eval_rewards/margins" in e]  # fmt: skip
+    assert [e["step"] for e in evals] == [0, 6, 12]
+    before, after = evals[0], evals[-1]
+    assert before["eval_rewards/margins"] == pytest.approx(
+        0, abs=1e-3
+    )  # the model is its reference
+    assert after["eval_rewards/accuracies"] > 0.9, evals
+    assert after["eval_rewards/margins"] > before["eval_rewards/margins"] + 0.2, evals
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["eval_rewards/accuracies"] > 0.9 and "perplexity" not in results
+    drawn = run_clm.plot_losses(json.loads((out / "trainer_state.json").read_text())["log_history"], folder / "plot.png")  # fmt: skip
+    assert {"train loss", "eval loss", "eval reward margin", "eval reward accuracy"} <= set(drawn)
+    if kind == "lora":  # merged into the base for the user, the adapter kept beside it
+        assert "LoRA adapter merged into" in dpo_runs[kind]
+        assert (out / "adapter" / "adapter_config.json").is_file()
+    assert (out / "model.safetensors").is_file() and (out / "loss.png").is_file()
+
+
+def test_a_dpo_run_stopped_by_sigterm_resumes_onto_the_uninterrupted_losses(folder, dpo_runs, tiny_gpt2):  # fmt: skip
+    argv = dpo_command(tiny_gpt2, "dpo-stopped", *FLAGS["full"])
+    process = start(argv, folder)
+    seen = read_until_losses(process, 4)
+    os.killpg(process.pid, signal.SIGTERM)
+    seen.extend(process.stdout)
+    assert wait_for_group(process) < 60
+    assert "checkpoint saved. Run the same command again to resume." in "".join(seen)
+    (saved,) = complete_checkpoints(folder / "dpo-stopped")
+    stopped_at = int(saved.split("-")[1])
+    assert 4 <= stopped_at < STEPS
+    done = run(argv, cwd=folder)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert f"resuming from dpo-stopped/{saved}" in done.stdout
+    after, reference = losses(folder / "dpo-stopped"), losses(folder / "dpo-full")
+    assert sorted(after) == sorted(reference) == list(range(1, STEPS + 1))
+    assert reference[stopped_at + 1] != pytest.approx(
+        reference[1], rel=1e-2
+    )  # a restart would show
+    for step in after:
+        assert after[step] == pytest.approx(reference[step], rel=1e-4), (step, after, reference)
+
+
+def test_kto_trains_on_answers_labelled_good_or_bad(tmp_path, tiny_gpt2, monkeypatch):
+    labelled = [
+        {
+            "prompt": p["prompt"],
+            "completion": p["chosen" if i % 2 else "rejected"],
+            "label": bool(i % 2),
+        }
+        for i, p in enumerate(pairs(96))
+    ]
+    write(tmp_path / "feedback.jsonl", labelled)
+    monkeypatch.chdir(tmp_path)
+    run_clm.main(["--model_name_or_path", str(tiny_gpt2), "--train_file", "feedback.jsonl",
+                  "--do_train", "--do_eval", "--output_dir", "kto", "--max_steps", str(STEPS),
+                  "--per_device_train_batch_size", "8", "--learning_rate", "5e-4", "--logging_steps", "1",
+                  "--save_strategy", "no", "--desirable_weight", "1.0", "--undesirable_weight", "1.0"])  # fmt: skip
+    results = json.loads((tmp_path / "kto" / "all_results.json").read_text())
+    assert "eval_kl" in results and results["eval_rewards/margins"] > 0.2, results
+    trained = losses(tmp_path / "kto")
+    assert trained[STEPS] < trained[1], trained
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        (
+            {"prompt": "Q", "chosen": "A", "rejected": "A"},
+            "line 2: chosen and rejected are the same; a pair must differ.",
+        ),
+        (
+            {"prompt": "Q", "chosen": " ", "rejected": "B"},
+            "line 2: chosen is empty; give every prompt its answer.",
+        ),
+        (
+            {"prompt": [{"role": "user", "content": "Q"}], "chosen": "A", "rejected": "B"},
+            "line 2: the prompt is a list of messages, so chosen must be one too",
+        ),
+        (
+            {"prompt": "Q", "completion": "A", "label": "maybe"},
+            "line 2: label must be true or false, not 'maybe'.",
+        ),
+    ],
+)
+def test_a_bad_preference_record_is_named_by_file_and_line(tmp_path, tiny_gpt2, record, message, monkeypatch, capsys):  # fmt: skip
+    good = {"prompt": "Q", "completion": "A", "label": True} if "label" in record else pairs(1)[0]
+    write(tmp_path / "bad.jsonl", [good, record])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        run_clm.main(["--model_name_or_path", str(tiny_gpt2), "--train_file", "bad.jsonl", "--do_train", "--output_dir", "out"])  # fmt: skip
+    assert stop.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        line.startswith("run_clm.py: error: --train_file bad.jsonl: line 2:") and message in line
+    ), line
+    assert not (tmp_path / "out").exists()
