@@ -1,7 +1,7 @@
 """Preference tuning: DPO pairs and KTO labelled answers, on TRL's trainers, in run_clm.py's run.
 
-The DPO runs go through the deepspeed launcher (ZeRO-2, CPU Adam), in full and with LoRA, whose
-reference is the base with the adapter switched off."""
+The DPO runs go through the deepspeed launcher with CPU Adam: in full on ZeRO-2 (TRL's frozen
+copy as the reference), and with LoRA on ZeRO-3 and two ranks (the adapter switched off)."""
 
 import json
 import os
@@ -49,14 +49,15 @@ def write(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def dpo_command(model: Path, out: str, *extra: str) -> list[str]:
+def dpo_command(model: Path, out: str, *extra: str, ranks: int = 1, config: str = "ds_config.json") -> list[str]:  # fmt: skip
+    """A global batch of 8 pairs, whatever the number of ranks."""
     return [
-        "deepspeed", "--master_port", str(free_port()), "--num_gpus=1", "run_clm.py",
-        "--deepspeed", "ds_config.json", "--model_name_or_path", str(model),
+        "deepspeed", "--master_port", str(free_port()), f"--num_gpus={ranks}", "run_clm.py",
+        "--deepspeed", config, "--model_name_or_path", str(model),
         "--train_file", "pairs.jsonl", "--validation_file", "held_out.jsonl", "--do_train",
-        "--do_eval", "--output_dir", out, "--max_steps", str(STEPS), "--per_device_train_batch_size", "8",
-        "--logging_steps", "1", "--eval_strategy", "steps", "--eval_steps", "6", "--eval_on_start",
-        "--beta", "0.1", *extra,
+        "--do_eval", "--output_dir", out, "--max_steps", str(STEPS),
+        "--per_device_train_batch_size", str(8 // ranks), "--logging_steps", "1",
+        "--eval_strategy", "steps", "--eval_steps", "6", "--eval_on_start", "--beta", "0.1", *extra,
     ]  # fmt: skip
 
 
@@ -68,14 +69,20 @@ def folder(tmp_path_factory) -> Path:
     return path
 
 
-FLAGS = {"full": ["--learning_rate", "5e-4"], "lora": ["--learning_rate", "5e-3", "--use_peft"]}
+FLAGS = {
+    "full": ["--learning_rate", "5e-4"],
+    "lora": ["--learning_rate", "5e-3", "--use_peft", "--bf16"],
+}
+# Full: ZeRO-2 on one rank, with TRL's frozen copy as the reference. LoRA: ZeRO-3 on two ranks,
+# the reference being the same weights with the adapter switched off.
+LAYOUTS = {"full": {}, "lora": {"ranks": 2, "config": "ds_config_zero3.json"}}
 
 
 @pytest.fixture(scope="module")
 def dpo_runs(folder, tiny_gpt2) -> dict[str, str]:
     logs = {}
     for kind, flags in FLAGS.items():
-        done = run(dpo_command(tiny_gpt2, f"dpo-{kind}", *flags), cwd=folder)
+        done = run(dpo_command(tiny_gpt2, f"dpo-{kind}", *flags, **LAYOUTS[kind]), cwd=folder)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert not python_warnings(done.stderr), python_warnings(done.stderr)
         logs[kind] = done.stdout + done.stderr
@@ -85,7 +92,8 @@ def dpo_runs(folder, tiny_gpt2) -> dict[str, str]:
 @pytest.mark.parametrize("kind", ["full", "lora"])
 def test_dpo_through_the_launcher_learns_to_prefer_the_chosen_answers(folder, dpo_runs, kind):
     out = folder / f"dpo-{kind}"
-    assert "DeepSpeed ZeRO stage 2: DeepSpeedZeroOptimizer over DeepSpeedCPUAdam" in dpo_runs[kind]
+    zero = "3: DeepSpeedZeroOptimizer_Stage3" if kind == "lora" else "2: DeepSpeedZeroOptimizer"
+    assert f"DeepSpeed ZeRO stage {zero} over DeepSpeedCPUAdam" in dpo_runs[kind]
     evals = [e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "eval_rewards/margins" in e]  # fmt: skip
     assert [e["step"] for e in evals] == [0, 6, 12]
     before, after = evals[0], evals[-1]
