@@ -481,6 +481,62 @@ class ReportEngine(transformers.TrainerCallback):
         )
 
 
+def held_out_prompts(eval_set, tokenizer, count: int = 3) -> list[list[int]]:
+    """The token ids of the first few held-out prompts: the text before an example's first
+    trained token, or a preference record's prompt. Text blocks have none."""
+    prompts = []
+    for row in eval_set.select(range(min(count, len(eval_set)))) if eval_set is not None else []:
+        if "labels" in row:
+            trained = [i for i, label in enumerate(row["labels"]) if label != -100]
+            if trained and trained[0] > 0:
+                prompts.append(row["input_ids"][: trained[0]])
+        elif isinstance(row.get("prompt"), list):
+            prompts.append(tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True, return_dict=False))  # fmt: skip
+        elif isinstance(row.get("prompt"), str):
+            prompts.append(tokenizer(row["prompt"])["input_ids"])
+    return prompts
+
+
+class ShowAnswers(transformers.TrainerCallback):
+    """At each evaluation the model answers a few held-out prompts, in the log and in
+    TensorBoard or wandb when they are on: what it learned, not only a loss."""
+
+    def __init__(self, prompts: list[list[int]], tokenizer, handler) -> None:
+        self.prompts, self.tokenizer, self.handler = prompts, tokenizer, handler
+        self.shown = -1  # the final evaluation may repeat the last step's
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        from transformers.integrations import TensorBoardCallback, is_deepspeed_zero3_enabled
+
+        if state.global_step == self.shown:
+            return
+        self.shown = state.global_step
+        rows = []
+        for number, ids in enumerate(self.prompts, start=1):
+            prompt = torch.tensor([ids], device=model.device)
+            with torch.no_grad():  # every rank generates: ZeRO-3 gathers the weights together
+                out = model.generate(
+                    input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32,
+                    do_sample=False, synced_gpus=is_deepspeed_zero3_enabled(), use_cache=True,
+                )  # fmt: skip
+            answer = self.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True).strip()
+            question = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+            rows.append([state.global_step, question, answer])
+            say(f"step {state.global_step}, held-out prompt {number}: {question[-80:]!r} -> {answer!r}")  # fmt: skip
+        if not state.is_world_process_zero or not rows:
+            return
+        text = "\n\n".join(f"{q}\n-> {a}" for _, q, a in rows)
+        for callback in self.handler.callbacks:
+            if isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:
+                callback.tb_writer.add_text("eval/answers", text, state.global_step)
+        if "wandb" in args.report_to:
+            import wandb
+
+            if wandb.run is not None:
+                table = wandb.Table(columns=["step", "prompt", "answer"], data=rows)
+                wandb.log({"eval/answers": table}, commit=False)
+
+
 def plot_losses(log_history: list[dict], path: Path) -> dict[str, list[tuple[int, float]]]:
     """Train and eval loss against step, so a finished run shows at a glance how it went.
     Returns the points drawn, by curve."""
@@ -673,6 +729,9 @@ def train_and_evaluate(model_args, lora, data, run, options, training) -> None:
             data_collator=collator_for(model, tokenizer, data, examples),
             **common_kwargs,
         )
+    prompts = held_out_prompts(eval_set, tokenizer)
+    if prompts:
+        trainer.add_callback(ShowAnswers(prompts, tokenizer, trainer.callback_handler))
     trainer.guard = checkpoints.NonFiniteGuard(run.max_nonfinite_steps)
     trainer.add_callback(trainer.guard)
 

@@ -40,6 +40,15 @@ def test_the_eval_loss_on_the_answers_falls_far(trained):
     assert evals[0] > 8 and evals[-1] < 0.5, evals  # from a random guess to knowing the answers
 
 
+def test_each_evaluation_shows_the_model_answering_held_out_prompts(trained):
+    _, records, log = trained
+    shown = {line.split("[run_clm.py] ")[-1] for line in log.splitlines() if "held-out prompt" in line}  # fmt: skip
+    assert len(shown) == 6, shown  # three prompts, at the evaluation before training and at step 40
+    question, answer = (turn["content"] for turn in records[0]["messages"])
+    [first] = [line for line in shown if line.startswith("step 40, held-out prompt 1:")]
+    assert question in first and first.endswith(f"-> {answer!r}"), first
+
+
 def test_the_trained_model_answers_a_training_question(trained, capsys):
     folder, records, _ = trained
     question, answer = (turn["content"] for turn in records[3]["messages"])

@@ -102,6 +102,8 @@ def test_dpo_through_the_launcher_learns_to_prefer_the_chosen_answers(folder, dp
     )  # the model is its reference
     assert after["eval_rewards/accuracies"] > 0.9, evals
     assert after["eval_rewards/margins"] > before["eval_rewards/margins"] + 0.2, evals
+    for step in (0, 6, 12):  # each evaluation shows the model answering held-out prompts
+        assert f"[run_clm.py] step {step}, held-out prompt 1: 'Ivy asks favour 200. Answer:' -> " in dpo_runs[kind]  # fmt: skip
     results = json.loads((out / "all_results.json").read_text())
     assert results["eval_rewards/accuracies"] > 0.9 and "perplexity" not in results
     drawn = run_clm.plot_losses(json.loads((out / "trainer_state.json").read_text())["log_history"], folder / "plot.png")  # fmt: skip
