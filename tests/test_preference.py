@@ -191,3 +191,26 @@ def test_a_bad_preference_record_is_named_by_file_and_line(tmp_path, tiny_gpt2, 
         line.startswith("run_clm.py: error: --train_file bad.jsonl: line 2:") and message in line
     ), line
     assert not (tmp_path / "out").exists()
+
+
+def test_a_dpo_run_keeps_the_nan_guard_and_the_disk_check(tmp_path, tiny_gpt2, monkeypatch, capsys):
+    from collections import namedtuple
+
+    import checkpoints
+
+    write(tmp_path / "pairs.jsonl", pairs(64))
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model_name_or_path", str(tiny_gpt2), "--train_file", "pairs.jsonl", "--do_train",
+            "--output_dir", "out", "--per_device_train_batch_size", "4", "--logging_steps", "2"]  # fmt: skip
+    with monkeypatch.context() as patched:
+        usage = namedtuple("usage", "total used free")
+        patched.setattr(checkpoints.shutil, "disk_usage", lambda path: usage(2**30, 0, 2**20))
+        with pytest.raises(SystemExit):
+            run_clm.main(argv)
+    assert "run_clm.py: error: --output_dir out: 1 MiB free, one checkpoint needs about" in capsys.readouterr().err  # fmt: skip
+    with pytest.raises(SystemExit) as stop:
+        run_clm.main([*argv, "--learning_rate", "1e30", "--max_nonfinite_steps", "3", "--max_steps", "12"])  # fmt: skip
+    assert stop.value.code == 2
+    [error] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("run_clm.py: error: ")]  # fmt: skip
+    assert error.startswith("run_clm.py: error: the loss was NaN/inf for "), error
+    assert not (tmp_path / "out" / "model.safetensors").exists()
