@@ -20,6 +20,20 @@ for _library in ("bitsandbytes", "kernels"):
     logging.getLogger(_library).setLevel(logging.ERROR)
 
 
+# Preference records: the fields that make each shape (preference.py trains them, the planner
+# plans them).
+PREFERENCE_SHAPES = {
+    "preference": ("prompt", "chosen", "rejected"),  # DPO
+    "labelled": ("prompt", "completion", "label"),  # KTO
+}
+
+
+def preference_shape(record: Any) -> str | None:
+    if not isinstance(record, dict):
+        return None
+    return next((s for s, names in PREFERENCE_SHAPES.items() if all(n in record for n in names)), None)  # fmt: skip
+
+
 class UserError(Exception):
     """Bad input: reported as one line naming the input and the fix, never as a traceback."""
 

@@ -81,6 +81,8 @@ class Run:
     lora_dropout: float = 0.05
     optim: str | None = None  # None: the Trainer's default AdamW
     dtype: str = "auto"  # --dtype as given
+    preference: str | None = None  # "preference" (DPO) or "labelled" (KTO): the data's records
+    precompute_ref: bool = False  # --precompute_ref_log_probs: no reference model while training
 
     def weights(self, model: "Model") -> str:
         """The dtype the weights train in: fp32 for a full fine-tune without DeepSpeed, unless
@@ -306,7 +308,9 @@ def block_bytes(model: Model, run: Run, act: int) -> int:
 
 def activation_items(model: Model, run: Run) -> Items:
     """One micro-batch's activations: with checkpointing, the blocks' inputs and one block's."""
-    c, tokens = model.config, run.micro_batch * run.block_size
+    # DPO runs each pair's chosen and rejected answers in one batch: twice the sequences.
+    pairs = 2 if run.preference == "preference" else 1
+    c, tokens = model.config, pairs * run.micro_batch * run.block_size
     layers = c.num_hidden_layers
     # 16-bit under autocast or DeepSpeed, or in a 16-bit model; fp32 otherwise.
     act = 2 if run.precision != "fp32" or run.zero or DTYPES[run.weights(model)] == 2 else 4
@@ -334,6 +338,17 @@ def plan(model: Model, run: Run, machine: Machine) -> Plan:
         why = f"is longer than {model.name}'s {positions} positions; lower --block_size"
         raise UserError(f"block size {run.block_size} {why}")
     gpu, ram = deepspeed_items(model, run) if run.zero else plain_items(model, run)
+    if run.preference and not (run.peft or run.precompute_ref):
+        # TRL's frozen reference: the weights again, in the dtype the policy trains in (16 bits
+        # under DeepSpeed); ZeRO-3 splits it like the policy, and offloads it with the weights.
+        w = 2 if run.zero else DTYPES[run.weights(model)]
+        stage3 = run.zero is not None and run.zero.stage == 3
+        ref = w * model.params // (run.total_gpus if stage3 else 1)
+        label = "reference model (a frozen copy, TRL's)"
+        if stage3 and offloads(run.zero)[1] != "none":
+            ram[label] = ref * run.gpus_per_node
+        else:
+            gpu[label] = ref
     gpu.update(activation_items(model, run))
     gpu["CUDA context, workspaces, allocator slack"] = CUDA_CONTEXT
     ram["Python, torch, CUDA libraries, data"] = RUNTIME_RAM * run.gpus_per_node

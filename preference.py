@@ -19,10 +19,9 @@ import datasets
 
 import chats
 from checkpoints import Guarded
-from common import UserError, arg
+from common import PREFERENCE_SHAPES, UserError, arg, preference_shape
 
-# The fields that make a record of each shape, and the trainer it takes.
-SHAPES = {"preference": ("prompt", "chosen", "rejected"), "labelled": ("prompt", "completion", "label")}  # fmt: skip
+SHAPES = PREFERENCE_SHAPES
 TRAINERS = {"preference": "DPO", "labelled": "KTO"}
 FEATURES = {
     shape: datasets.Features(
@@ -33,8 +32,7 @@ FEATURES = {
 LABELS = {True: True, False: False, "true": True, "false": False, "1": True, "0": False}
 
 
-def shape_of(record: dict) -> str | None:
-    return next((s for s, names in SHAPES.items() if all(n in record for n in names)), None)
+shape_of = preference_shape
 
 
 def checked(record: dict, where: str, shape: str) -> dict:

@@ -8,7 +8,10 @@ counts, and why: docs/planner.md. Sizes are GiB, as DeepSpeed and nvidia-smi cou
 """
 
 import argparse
+import contextlib
+import csv
 import itertools
+import json
 import math
 import os
 import re
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import psutil
 
-from common import UserError, fail, number, true_or_false
+from common import UserError, fail, number, preference_shape, true_or_false
 from memory_plan import (
     DTYPES,
     GIB,
@@ -97,6 +100,11 @@ def setups(model: Model, run: Run) -> Iterator[tuple[str, Run]]:
     """Changes to the run as (what, run), cheapest first, as the guide and the issues order them:
     QLoRA for a LoRA run, DeepSpeed's ZeRO-2 offload, 5e7 buckets, ZeRO-3, then more GPUs."""
     yield "", run
+    if run.preference and not (run.peft or run.precompute_ref):  # the reference goes first
+        freed = "the reference scores the data once, then is freed (--precompute_ref_log_probs)"
+        for what, changed in setups(model, replace(run, precompute_ref=True)):
+            yield join(freed, what), changed
+        return
     if not run.checkpointing:  # kept off while a smaller micro-batch fits: first_fit tries those
         back_on = "activation checkpointing back on (drop --gradient_checkpointing False)"
         for what, changed in setups(model, replace(run, checkpointing=True)):
@@ -154,6 +162,7 @@ def command(run: Run, args: argparse.Namespace, passed: list[str]) -> str:
         (args.dtype != "auto", f"--dtype {args.dtype}"),
         (run.optim, f"--optim {run.optim}"),
         (not run.checkpointing, "--gradient_checkpointing False"),
+        (run.precompute_ref, "--precompute_ref_log_probs"),
         (passed, shlex.join(passed)),
     ]
     return " ".join([launcher, *(flag for wanted, flag in flags if wanted)])
@@ -165,6 +174,10 @@ def render(found: Plan, machine: Machine, passed: list[str]) -> str:
     kind = "QLoRA" if run.four_bit else "LoRA" if run.peft else "full fine-tune"
     kind += f" ({count(run.trained(model))} trainable, r={run.lora_r})" * run.peft
     optimizer = run.optim or ("DeepSpeed Adam" if zero else "AdamW")
+    if run.preference:  # what the --train_file's records make of the run
+        method = "DPO, each pair's chosen and rejected together" if run.preference == "preference" else "KTO"  # fmt: skip
+        reference = "the adapter switched off" if run.peft else "precomputed" if run.precompute_ref else "a frozen copy"  # fmt: skip
+        kind += f", {method}, reference {reference}"
     shape = f"{c.num_hidden_layers} layers, hidden {c.hidden_size}, vocab {c.vocab_size}"
     lines = [
         f"model    {model.name}: {model.params / 1e9:.2f}B parameters, {shape},"
@@ -182,6 +195,8 @@ def render(found: Plan, machine: Machine, passed: list[str]) -> str:
         f" activation checkpointing {'on' if run.checkpointing else 'off'}"
     )
     ignored = [arg.split("=")[0] for arg in passed if arg.startswith("--")]
+    if run.preference:
+        ignored.remove("--train_file")
     if ignored:
         lines.append(f"ignored  {' '.join(ignored)} (no effect on memory)")
     width = max(map(len, [*found.gpu_items, *found.ram_items])) + 2
@@ -226,6 +241,7 @@ def parser() -> argparse.ArgumentParser:
     add("--num_gpus", dest="gpus_per_node", type=whole, default=1, help="per node")
     add("--num_nodes", dest="nodes", type=whole, default=1)
     add("--attn_implementation", choices=("auto", "eager", "sdpa"), default="auto")
+    add("--precompute_ref_log_probs", **on, dest="precompute_ref", default=False, help="DPO/KTO")
     return p
 
 
@@ -278,6 +294,20 @@ def advise(found: Plan, machine: Machine, args: argparse.Namespace, passed: list
         print(f"  {command(fit.run, args, passed)}")
 
 
+def data_shape(passed: list[str]) -> str | None:
+    """DPO pairs or KTO labels when the command's --train_file (if it is here) holds them."""
+    path = next((Path(b) for a, b in itertools.pairwise(passed) if a == "--train_file"), None)
+    if path is None or not path.is_file():
+        return None
+    with open(path, encoding="utf-8-sig") as stream:
+        first = next((line for line in stream if line.strip()), "")
+    if path.suffix == ".csv":
+        return preference_shape(dict.fromkeys(next(csv.reader([first]), [])))
+    with contextlib.suppress(json.JSONDecodeError):
+        return preference_shape(json.loads(first))
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print the plan and the verdict: exit status 0 when it fits, 1 when not."""
     # DeepSpeed's estimators are arithmetic: on a laptop it need not look for a GPU and warn.
@@ -290,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     args.zero = args.deepspeed and zero_settings(raw, args.deepspeed, model.config.hidden_size)
     # As run_clm.py: the model's positions, at most 1024.
     args.block_size = args.block_size or min(1024, model.config.max_position_embeddings)
+    args.preference = data_shape(passed)
     run = Run(**{field.name: getattr(args, field.name) for field in fields(Run)})
     import torch
 

@@ -650,3 +650,68 @@ def test_planning_a_6b_model_allocates_no_weights():
     grown = psutil.Process().memory_info().rss - before
     # Real fp32 weights would take 22 GiB; the meta device takes none.
     assert model.params > 6e9 and grown < 1 * GIB
+
+
+# --- preference runs, against TRL's DPOTrainer -------------------------------------------------
+
+REFERENCE = "reference model (a frozen copy, TRL's)"
+
+
+def dpo_trainer(tmp_path: Path, model_path: Path, peft: bool, pairs: int = 8):
+    """TRL's DPOTrainer as run_clm.py builds it, on CPU, with equal-length answers."""
+    import datasets
+    import trl
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    if peft:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=16, task_type="CAUSAL_LM"))
+    rows = [{"prompt": f"Question {i}: yes or no?", "chosen": " yes yes", "rejected": " no no"} for i in range(pairs)]  # fmt: skip
+    config = trl.DPOConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[],
+                           per_device_train_batch_size=2, gradient_checkpointing=False)  # fmt: skip
+    return trl.DPOTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(rows),
+                          processing_class=AutoTokenizer.from_pretrained(model_path))  # fmt: skip
+
+
+@pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
+def test_dpos_reference_model_is_what_trl_really_allocates(tmp_path, tiny_gpt2, peft):
+    trainer = dpo_trainer(tmp_path, tiny_gpt2, peft)
+    reference = trainer.ref_model  # None with LoRA: the adapter is switched off instead
+    measured = sum(p.numel() * p.element_size() for p in reference.parameters()) if reference else 0  # fmt: skip
+    facts = wif.model_facts(str(tiny_gpt2), "auto", (), "auto")
+    found = wif.plan(facts, wif.Run(2, 1, 16, 1, 1, "fp32", peft=peft, preference="preference"), V100)  # fmt: skip
+    assert found.gpu_items.get(REFERENCE, 0) == measured and (measured > 0) != peft
+    precomputed = wif.Run(2, 1, 16, 1, 1, "fp32", preference="preference", precompute_ref=True)
+    assert REFERENCE not in wif.plan(facts, precomputed, V100).gpu_items
+
+
+def test_dpo_activation_estimate_covers_what_trls_forward_keeps(tmp_path, tiny_gpt2):
+    """Chosen and rejected go through the blocks together: twice a supervised micro-batch."""
+    trainer = dpo_trainer(tmp_path, tiny_gpt2, peft=False)
+    batch = next(iter(trainer.get_train_dataloader()))
+    length = batch["input_ids"].shape[1]
+    blocks, inside, kept = trainer.model.transformer.h, [False], {}
+    weights = {p.untyped_storage().data_ptr() for p in trainer.model.parameters()}
+    for block in blocks:
+        block.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True))
+        block.register_forward_hook(lambda *_: inside.__setitem__(0, False))
+
+    def keep(tensor):
+        if inside[0]:
+            kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    trainer.model.train()
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        trainer.compute_loss(trainer.model, batch)
+    measured = sum(size for ptr, size in kept.items() if ptr not in weights)
+    facts = wif.model_facts(str(tiny_gpt2), "auto", (), "auto")
+    label = f"all {len(blocks)} blocks' activations, not checkpointed"
+
+    def planned(**kind) -> int:
+        return mem.activation_items(facts, wif.Run(2, 1, length, 1, 1, "fp32", checkpointing=False, **kind))[label]  # fmt: skip
+
+    assert measured <= planned(preference="preference") <= 1.25 * measured, (planned(preference="preference"), measured)  # fmt: skip
+    assert planned() < measured  # a supervised plan of the same batch would fall short
