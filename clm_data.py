@@ -483,14 +483,15 @@ def hub_splits(data: DataArguments, model_args) -> dict[str, datasets.Dataset]:
             shape = shape_of(dataset[0] if len(dataset) else dict.fromkeys(dataset.column_names))
             if shape is None:
                 raise UserError(
-                    f"--dataset_name {name}: no `text`, `prompt`/`completion` or `messages` column "
+                    f"--dataset_name {name}: no `text`, `prompt`/`completion`, `messages` or "
+                    "`chosen`/`rejected` column "
                     f"(it has: {', '.join(dataset.column_names)})."
                 )
             columns = list(FEATURES[shape])
-            if shape == "chat":  # checked as files' records are, and stored the same way
+            if shape not in ("text", "completion"):  # checked as files' records, stored alike
                 where = f"--dataset_name {name}: {wanted} row"
                 dataset = dataset.map(
-                    lambda row, at, where=where: checked(row, f"{where} {at + 1}", "chat"),
+                    lambda row, at, where=where, shape=shape: checked(dict(row), f"{where} {at + 1}", shape),
                     with_indices=True, remove_columns=dataset.column_names,
                 )  # fmt: skip
             if shape == "text":  # an empty row (a third of wikitext's) is no document

@@ -31,6 +31,8 @@ PREFERENCE_SHAPES = {
 def preference_shape(record: Any) -> str | None:
     if not isinstance(record, dict):
         return None
+    if "chosen" in record and "rejected" in record:  # the prompt may be implicit, inside both
+        return "preference"
     return next((s for s, names in PREFERENCE_SHAPES.items() if all(n in record for n in names)), None)  # fmt: skip
 
 

@@ -37,6 +37,10 @@ shape_of = preference_shape
 
 def checked(record: dict, where: str, shape: str) -> dict:
     """One record with its texts (or messages) checked, the texts stored as JSON."""
+    if shape == "preference" and "prompt" not in record:  # the hub's common form: whole chats
+        from trl.data_utils import extract_prompt
+
+        record = extract_prompt(record)
     prompt = record["prompt"]
     names = ("chosen", "rejected") if shape == "preference" else ("completion",)
     answers = [record[name] for name in names]
@@ -75,6 +79,18 @@ def shape_of_sets(sets: dict[str, datasets.Dataset]) -> str | None:
             "--train_file and --validation_file hold records of different shapes; keep one shape."
         )
     return found.pop() if found else None
+
+
+def show(split: datasets.Dataset, tokenizer, count: int) -> None:
+    """The first `count` records as TRL renders them for training (--show_examples)."""
+    from trl.data_utils import maybe_apply_chat_template
+
+    for number, row in enumerate(split.select(range(min(count, len(split)))), start=1):
+        rendered = maybe_apply_chat_template(row, tokenizer)
+        print(f"--- example {number} ---")
+        for name in ("prompt", "chosen", "rejected", "completion", "label"):
+            if name in row:
+                print(f"[{name}] {rendered.get(name, row[name])}")
 
 
 def for_trl(split: datasets.Dataset) -> datasets.Dataset:

@@ -657,12 +657,9 @@ def train_and_evaluate(model_args, lora, data, run, options, training) -> None:
     else:
         with training.main_process_first(desc="tokenizing"):
             sets = clm_data.tokenize(records, tokenizer, data, block_size, training)
-    if (
-        data.show_examples and not tuning
-    ):  # before any weights load: a laptop can check a GPU run's data
-        clm_data.show_examples(
-            sets.get("train", sets.get("validation")), tokenizer, data.show_examples
-        )
+    if data.show_examples:  # before any weights load: a laptop can check a GPU run's data
+        show = preference.show if tuning else clm_data.show_examples
+        show(sets.get("train", sets.get("validation")), tokenizer, data.show_examples)
         return
     transformers.set_seed(training.seed)  # a new model's or adapter's first weights, as HF's
     keep = saved_dtype(model_args, config)

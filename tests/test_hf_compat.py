@@ -96,6 +96,15 @@ def test_dataset_name_reads_local_datasets_offline(tmp_path, tiny_gpt2, layout, 
     assert results["train_samples"] > 0 and results["eval_samples"] > 0
 
 
+def test_a_dataset_of_chats_is_read_like_a_file_of_them(tmp_path, tiny_gpt2, capsys):
+    """A `messages` column, as the hub's chat datasets have it (it was refused row by row)."""
+    chat = [{"role": "user", "content": "Who is Prospero?"}, {"role": "assistant", "content": "The right Duke of Milan."}]  # fmt: skip
+    datasets.Dataset.from_list([{"messages": chat}] * 4).save_to_disk(tmp_path / "chats")
+    run_clm.main(["--model_name_or_path", str(tiny_gpt2), "--dataset_name", str(tmp_path / "chats"),
+                  "--output_dir", str(tmp_path / "out"), "--show_examples", "1"])  # fmt: skip
+    assert "[[ The right Duke of Milan." in capsys.readouterr().out
+
+
 def test_a_dataset_that_is_not_there_is_one_line(tmp_path, tiny_gpt2, capsys):
     argv = ["--model_name_or_path", str(tiny_gpt2), "--dataset_name", "no-such-org/no-such-data",
             "--do_train", "--output_dir", str(tmp_path / "out")]  # fmt: skip

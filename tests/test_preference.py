@@ -214,3 +214,23 @@ def test_a_dpo_run_keeps_the_nan_guard_and_the_disk_check(tmp_path, tiny_gpt2, m
     [error] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("run_clm.py: error: ")]  # fmt: skip
     assert error.startswith("run_clm.py: error: the loss was NaN/inf for "), error
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_hub_pairs_of_whole_chats_are_split_into_prompt_and_answers_and_shown(tmp_path, tiny_gpt2, capsys):  # fmt: skip
+    """The hub's usual DPO form has no prompt column: both answers carry the conversation.
+    --show_examples prints the records as TRL renders them, and loads no weights."""
+    import datasets
+
+    def chat(answer: str) -> list[dict]:
+        return [{"role": "user", "content": "Who is Prospero?"}, {"role": "assistant", "content": answer}]  # fmt: skip
+
+    rows = [{"chosen": chat("The right Duke of Milan."), "rejected": chat("A fish.")}] * 4
+    datasets.Dataset.from_list(rows).save_to_disk(tmp_path / "pairs")
+    run_clm.main(["--model_name_or_path", str(tiny_gpt2), "--dataset_name", str(tmp_path / "pairs"),
+                  "--output_dir", str(tmp_path / "out"), "--show_examples", "1"])  # fmt: skip
+    shown = capsys.readouterr().out
+    lines = {line.split("]")[0] + "]": line for line in shown.splitlines() if line.startswith("[")}
+    assert "Who is Prospero?" in shown.split("[chosen]")[0], shown  # in the prompt
+    assert "The right Duke of Milan." in lines["[chosen]"] and "Prospero" not in lines["[chosen]"]
+    assert "A fish." in lines["[rejected]"] and "Prospero" not in lines["[rejected]"]
+    assert "Loading weights" not in shown and not (tmp_path / "out" / "model.safetensors").exists()
