@@ -29,6 +29,12 @@ FEATURES = {
     )
     for shape, names in SHAPES.items()
 }
+# What TRL 1.16's trainers compute (DPOTrainer fails on another only once training starts).
+LOSSES = {
+    "preference": ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+                   "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"),
+    "labelled": ("sigmoid", "kto", "apo_zero_unpaired"),  # sigmoid, the flag's default, is kto
+}  # fmt: skip
 LABELS = {True: True, False: False, "true": True, "false": False, "1": True, "0": False}
 
 
@@ -79,6 +85,15 @@ def shape_of_sets(sets: dict[str, datasets.Dataset]) -> str | None:
             "--train_file and --validation_file hold records of different shapes; keep one shape."
         )
     return found.pop() if found else None
+
+
+def check(shape: str, options) -> None:
+    """The flags against the trainer the data chose, before any weights load."""
+    if options.loss_type not in LOSSES[shape]:
+        raise UserError(
+            f"--loss_type {options.loss_type}: {TRAINERS[shape]} (chosen by the records) takes "
+            f"one of {', '.join(LOSSES[shape])}."
+        )
 
 
 def show(split: datasets.Dataset, tokenizer, count: int) -> None:

@@ -646,6 +646,8 @@ def train_and_evaluate(model_args, lora, data, run, options, training) -> None:
     if examples and tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tuning = preference.shape_of_sets(records)  # DPO or KTO records, or None
+    if tuning:
+        preference.check(tuning, options)
     chat = any(
         "messages" in split.column_names or (tuning and split[0]["prompt"].startswith("["))
         for split in records.values()
