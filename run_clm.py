@@ -134,6 +134,9 @@ class RunArguments:
     max_nonfinite_steps: int = arg(
         20, "Stop when the loss is NaN or infinite this many micro-steps in a row (0: never)."
     )
+    eval_answers: int = arg(
+        3, "At each evaluation, answer this many held-out prompts in the log (0: none)."
+    )
 
 
 ARGUMENTS = (
@@ -728,7 +731,7 @@ def train_and_evaluate(model_args, lora, data, run, options, training) -> None:
             data_collator=collator_for(model, tokenizer, data, examples),
             **common_kwargs,
         )
-    prompts = held_out_prompts(eval_set, tokenizer)
+    prompts = held_out_prompts(eval_set, tokenizer, run.eval_answers)
     if prompts:
         trainer.add_callback(ShowAnswers(prompts, tokenizer, trainer.callback_handler))
     trainer.guard = checkpoints.NonFiniteGuard(run.max_nonfinite_steps)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from launch import (
     complete_checkpoints,
@@ -30,7 +31,7 @@ import run_clm
 NAMES = ["Ada", "Bob", "Cy", "Dee", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jo", "Kay", "Lu"]
 POLITE = [" yes, gladly.", " of course, friend.", " happy to help."]
 RUDE = [" no, go away.", " leave me be.", " ask someone else."]
-STEPS = 12
+STEPS = 8
 
 
 def pairs(count: int, first: int = 0) -> list[dict]:
@@ -57,21 +58,22 @@ def dpo_command(model: Path, out: str, *extra: str, ranks: int = 1, config: str 
         "--train_file", "pairs.jsonl", "--validation_file", "held_out.jsonl", "--do_train",
         "--do_eval", "--output_dir", out, "--max_steps", str(STEPS),
         "--per_device_train_batch_size", str(8 // ranks), "--logging_steps", "1",
-        "--eval_strategy", "steps", "--eval_steps", "6", "--eval_on_start", "--beta", "0.1", *extra,
+        "--eval_strategy", "steps", "--eval_steps", "4", "--eval_on_start", "--beta", "0.1", *extra,
     ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     path = workdir(tmp_path_factory.mktemp("preference"))
-    write(path / "pairs.jsonl", pairs(96))
+    write(path / "pairs.jsonl", pairs(64))
     write(path / "held_out.jsonl", pairs(16, first=200))
     return path
 
 
+# ZeRO-3 gathers the weights for every generated token: one held-out answer shows that works.
 FLAGS = {
     "full": ["--learning_rate", "5e-4"],
-    "lora": ["--learning_rate", "5e-3", "--use_peft", "--bf16"],
+    "lora": ["--learning_rate", "5e-3", "--use_peft", "--bf16", "--eval_answers", "1"],
 }
 # Full: ZeRO-2 on one rank, with TRL's frozen copy as the reference. LoRA: ZeRO-3 on two ranks,
 # the reference being the same weights with the adapter switched off.
@@ -95,15 +97,16 @@ def test_dpo_through_the_launcher_learns_to_prefer_the_chosen_answers(folder, dp
     zero = "3: DeepSpeedZeroOptimizer_Stage3" if kind == "lora" else "2: DeepSpeedZeroOptimizer"
     assert f"DeepSpeed ZeRO stage {zero} over DeepSpeedCPUAdam" in dpo_runs[kind]
     evals = [e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "eval_rewards/margins" in e]  # fmt: skip
-    assert [e["step"] for e in evals] == [0, 6, 12]
+    assert [e["step"] for e in evals] == [0, 4, 8]
     before, after = evals[0], evals[-1]
     assert before["eval_rewards/margins"] == pytest.approx(
         0, abs=1e-3
     )  # the model is its reference
     assert after["eval_rewards/accuracies"] > 0.9, evals
     assert after["eval_rewards/margins"] > before["eval_rewards/margins"] + 0.2, evals
-    for step in (0, 6, 12):  # each evaluation shows the model answering held-out prompts
+    for step in (0, 4, 8):  # each evaluation shows the model answering held-out prompts
         assert f"[run_clm.py] step {step}, held-out prompt 1: 'Ivy asks favour 200. Answer:' -> " in dpo_runs[kind]  # fmt: skip
+        assert (f"step {step}, held-out prompt 2:" in dpo_runs[kind]) == (kind == "full")
     results = json.loads((out / "all_results.json").read_text())
     assert results["eval_rewards/accuracies"] > 0.9 and "perplexity" not in results
     drawn = run_clm.plot_losses(json.loads((out / "trainer_state.json").read_text())["log_history"], folder / "plot.png")  # fmt: skip
@@ -117,14 +120,14 @@ def test_dpo_through_the_launcher_learns_to_prefer_the_chosen_answers(folder, dp
 def test_a_dpo_run_stopped_by_sigterm_resumes_onto_the_uninterrupted_losses(folder, dpo_runs, tiny_gpt2):  # fmt: skip
     argv = dpo_command(tiny_gpt2, "dpo-stopped", *FLAGS["full"])
     process = start(argv, folder)
-    seen = read_until_losses(process, 4)
+    seen = read_until_losses(process, 3)
     os.killpg(process.pid, signal.SIGTERM)
     seen.extend(process.stdout)
     assert wait_for_group(process) < 60
     assert "checkpoint saved. Run the same command again to resume." in "".join(seen)
     (saved,) = complete_checkpoints(folder / "dpo-stopped")
     stopped_at = int(saved.split("-")[1])
-    assert 4 <= stopped_at < STEPS
+    assert 3 <= stopped_at < STEPS
     done = run(argv, cwd=folder)
     assert done.returncode == 0, done.stdout[-3000:]
     assert f"resuming from dpo-stopped/{saved}" in done.stdout
@@ -263,3 +266,19 @@ def test_a_loss_the_data_s_trainer_lacks_is_one_line_before_any_weights_load(tmp
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1].startswith(f"run_clm.py: error: {message}"), err
     assert "Loading weights" not in err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="QLoRA needs CUDA")
+def test_qlora_dpo_trains_on_a_gpu(tmp_path, tiny_llama):
+    """For a session with a GPU: the 4-bit base, its adapter switched off as the reference."""
+    records = [{"prompt": f"Question {i}:", "chosen": " yes, gladly.", "rejected": " no."} for i in range(64)]  # fmt: skip
+    write(tmp_path / "pairs.jsonl", records)
+    argv = ["python", str(REPO / "run_clm.py"), "--model_name_or_path", str(tiny_llama), "--bf16",
+            "--use_peft", "--load_in_4bit", "--train_file", "pairs.jsonl", "--do_train", "--do_eval",
+            "--output_dir", "out", "--max_steps", "8", "--per_device_train_batch_size", "8",
+            "--learning_rate", "5e-3", "--logging_steps", "1"]  # fmt: skip
+    done = run(argv, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "all_results.json").read_text())
+    assert results["eval_rewards/margins"] > 0, results
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
