@@ -87,8 +87,12 @@ def shape_of_sets(sets: dict[str, datasets.Dataset]) -> str | None:
     return found.pop() if found else None
 
 
-def check(shape: str, options) -> None:
+def check(shape: str, options, packing: bool) -> None:
     """The flags against the trainer the data chose, before any weights load."""
+    if packing:
+        raise UserError(
+            f"--packing: {TRAINERS[shape]} records are batched by TRL, not packed; drop the flag."
+        )
     if options.loss_type not in LOSSES[shape]:
         raise UserError(
             f"--loss_type {options.loss_type}: {TRAINERS[shape]} (chosen by the records) takes "

@@ -650,7 +650,7 @@ def train_and_evaluate(model_args, lora, data, run, options, training) -> None:
         tokenizer.pad_token = tokenizer.eos_token
     tuning = preference.shape_of_sets(records)  # DPO or KTO records, or None
     if tuning:
-        preference.check(tuning, options)
+        preference.check(tuning, options, data.packing)
     chat = any(
         "messages" in split.column_names or (tuning and split[0]["prompt"].startswith("["))
         for split in records.values()

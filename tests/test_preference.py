@@ -252,16 +252,21 @@ def test_hub_pairs_of_whole_chats_are_split_into_prompt_and_answers_and_shown(tm
             "ipo",
             "--loss_type ipo: KTO (chosen by the records) takes one of sigmoid, kto, apo_zero_unpaired.",
         ),
+        (
+            "pairs",
+            "sigmoid --packing",
+            "--packing: DPO records are batched by TRL, not packed; drop the flag.",
+        ),
     ],
 )
-def test_a_loss_the_data_s_trainer_lacks_is_one_line_before_any_weights_load(tmp_path, tiny_gpt2, data, loss, message, capsys):  # fmt: skip
+def test_a_flag_the_data_s_trainer_cannot_use_is_one_line_before_any_weights_load(tmp_path, tiny_gpt2, data, loss, message, capsys):  # fmt: skip
     records = (
         pairs(4) if data == "pairs" else [{"prompt": "Q", "completion": "A", "label": True}] * 4
     )
     write(tmp_path / "data.jsonl", records)
     with pytest.raises(SystemExit) as stop:
         run_clm.main(["--model_name_or_path", str(tiny_gpt2), "--train_file", str(tmp_path / "data.jsonl"),
-                      "--do_train", "--output_dir", str(tmp_path / "out"), "--loss_type", loss])  # fmt: skip
+                      "--do_train", "--output_dir", str(tmp_path / "out"), "--loss_type", *loss.split()])  # fmt: skip
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1].startswith(f"run_clm.py: error: {message}"), err
