@@ -53,3 +53,13 @@ def tiny_qwen3(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("models") / "tiny-qwen3"
     # 1024 positions: a chat with tools holds Qwen3's long tool instructions.
     return save_tiny(folder, "qwen3", tokenizer=family_tokenizer("qwen3"), positions=1024)
+
+
+# The files that launch the most runs, first. xdist hands out whole files (--dist loadfile) in
+# collection order; one of these started last would leave the other worker idle at the end.
+LONGEST_FIRST = ("test_train.py", "test_scale.py", "test_preference.py", "test_resume.py", "test_readme.py")  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items):
+    order = {name: at for at, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: order.get(item.path.name, len(order)))  # the rest as collected
