@@ -78,7 +78,7 @@ def checked(record: dict, where: str, shape: str) -> dict:
 
 
 def shape_of_sets(sets: dict[str, datasets.Dataset]) -> str | None:
-    """ "preference" or "labelled" when the run's data is of that shape; None otherwise."""
+    """The run's record shape, "preference" (DPO) or "labelled" (KTO), or None for the others."""
     found = {shape_of(dict.fromkeys(split.column_names)) for split in sets.values()}
     if len(found) > 1:
         raise UserError(
@@ -161,9 +161,6 @@ def trainer(shape: str, model, training, options: PreferenceArguments, max_lengt
             # KTO's KL term pairs each answer with its neighbour in a fixed order (TRL's rule).
             train_sampling_strategy="sequential",
         )
-    try:
-        config = config_class(**{**settings, **extra})
-    except ValueError as error:
-        raise UserError(f"--loss_type {options.loss_type}: {str(error).splitlines()[0]}") from None
+    config = config_class(**{**settings, **extra})  # the flags were checked by check()
     guarded = type(f"Guarded{name}Trainer", (Guarded, getattr(trl, f"{name}Trainer")), {})
     return guarded(model=model, args=config, **kwargs)
