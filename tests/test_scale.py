@@ -300,12 +300,13 @@ def test_a_conversion_killed_midway_is_done_again_and_the_disk_is_checked_first(
     assert files(checkpoint) == original  # refused before anything was written
 
     def killed_midway(argv, **kwargs):
-        converter = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Its own process group: the converter and the workers it starts die together.
+        converter = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
         merged = checkpoint / "universal.partial" / f"global_step{STEPS}_universal" / "zero"
         while not (merged.is_dir() and any(merged.iterdir())):
             assert converter.poll() is None, "the conversion ended before it could be killed"
             time.sleep(0.002)
-        converter.kill()  # as a power cut or a second preemption would
+        os.killpg(converter.pid, signal.SIGKILL)  # as a power cut or a second preemption would
         converter.wait()
         raise SystemExit(137)
 
@@ -321,3 +322,5 @@ def test_a_conversion_killed_midway_is_done_again_and_the_disk_is_checked_first(
     assert {name: converted[name] for name in original} == original  # the original states stay
     assert not (checkpoint / "universal.partial").exists()
     assert (checkpoint / "latest_universal").read_text() == f"global_step{STEPS}_universal"
+    left = subprocess.run(["pgrep", "-f", f"ds_to_universal --input_folder {checkpoint}"], capture_output=True)  # fmt: skip
+    assert not left.stdout, left.stdout  # no worker outlives the kill
