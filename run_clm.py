@@ -524,8 +524,9 @@ class ShowAnswers(transformers.TrainerCallback):
                 )  # fmt: skip
             answer = self.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True).strip()
             question = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+            shown = question if len(question) <= 80 else "..." + question[-77:]  # its end asks
             rows.append([state.global_step, question, answer])
-            say(f"step {state.global_step}, held-out prompt {number}: {question[-80:]!r} -> {answer!r}")  # fmt: skip
+            say(f"step {state.global_step}, held-out prompt {number}: {shown!r} -> {answer!r}")  # fmt: skip
         if not state.is_world_process_zero or not rows:
             return
         text = "\n\n".join(f"{q}\n-> {a}" for _, q, a in rows)
