@@ -33,7 +33,7 @@ def preference_shape(record: Any) -> str | None:
         return None
     if "chosen" in record and "rejected" in record:  # the prompt may be implicit, inside both
         return "preference"
-    return next((s for s, names in PREFERENCE_SHAPES.items() if all(n in record for n in names)), None)  # fmt: skip
+    return "labelled" if all(n in record for n in PREFERENCE_SHAPES["labelled"]) else None
 
 
 class UserError(Exception):

@@ -21,7 +21,7 @@ import chats
 from checkpoints import Guarded
 from common import PREFERENCE_SHAPES, UserError, arg, preference_shape
 
-SHAPES = PREFERENCE_SHAPES
+SHAPES = PREFERENCE_SHAPES  # the fields of each shape; clm_data.py reads them here
 TRAINERS = {"preference": "DPO", "labelled": "KTO"}
 FEATURES = {
     shape: datasets.Features(
