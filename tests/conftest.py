@@ -1,7 +1,9 @@
 import atexit
 import os
+import re
 import shutil
 import tempfile
+import time
 
 # Tests never reach the hub or wandb's servers, and DeepSpeed should not guess the accelerator.
 # Set before anything imports transformers, which reads some of these once at import.
@@ -63,3 +65,59 @@ LONGEST_FIRST = ("test_train.py", "test_scale.py", "test_preference.py", "test_r
 def pytest_collection_modifyitems(config, items):
     order = {name: at for at, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: order.get(item.path.name, len(order)))  # the rest as collected
+
+
+def unused_deepspeed_buffers(min_age: float) -> list[Path]:
+    """DeepSpeed's CPU allreduce buffers in /dev/shm that no live process maps. Every rank of every
+    run on the CPU makes one (69 MB of RAM) and DeepSpeed never unlinks it: a machine that had run
+    the suite a few times ran out of memory, and the next suite hung. `min_age` spares a buffer
+    that its rank has created but not yet mapped."""
+    found = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"))
+    if not found:
+        return []
+    mapped = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            mapped.update(
+                re.findall(r"/dev/shm/(deepspeed_allreduce_buffer_\S+)", maps.read_text())
+            )
+        except OSError:  # the process ended meanwhile, or is not ours to read
+            continue
+    unused = []
+    for path in found:
+        try:
+            if path.name not in mapped and time.time() - path.stat().st_mtime >= min_age:
+                unused.append(path)
+        except FileNotFoundError:  # the other worker released it
+            continue
+    return unused
+
+
+def release_deepspeed_buffers(min_age: float) -> None:
+    for path in unused_deepspeed_buffers(min_age):
+        path.unlink(missing_ok=True)
+
+
+@pytest.fixture(autouse=True)
+def _release_deepspeed_buffers():
+    yield
+    release_deepspeed_buffers(min_age=60)  # the other worker's run may be starting up
+
+
+def pytest_sessionstart(session):
+    """Before the workers start (xdist's own hook runs last): free what earlier sessions leaked, and
+    build DeepSpeed's CPU ops once. Built by the first runs instead, both workers compiled at once,
+    slowly, and a run stopped by its test mid-build left torch's lock file: every later run waited
+    on it forever."""
+    if hasattr(session.config, "workerinput"):
+        return
+    release_deepspeed_buffers(min_age=0)
+    from deepspeed.accelerator import get_accelerator
+
+    for op in ("CPUAdamBuilder", "ShareMemCommBuilder"):
+        get_accelerator().create_op_builder(op).load(verbose=False)
+
+
+def pytest_sessionfinish(session):
+    if not hasattr(session.config, "workerinput"):
+        release_deepspeed_buffers(min_age=0)

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -65,17 +66,23 @@ def with_port(argv: list[str]) -> list[str]:
 def run(
     argv: list[str], cwd: Path, timeout: int = 600, stdin: str | None = None
 ) -> subprocess.CompletedProcess:
+    """The command to its end. Past `timeout` its whole process group is killed and the test fails
+    with its output: killing the launcher alone would leave ranks holding the pipes, and wait on."""
     if argv[0] == "python":
         argv = [sys.executable, *argv[1:]]
-    return subprocess.run(
-        with_port(argv),
-        cwd=cwd,
-        env=user_env(),
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    process = subprocess.Popen(
+        with_port(argv), cwd=cwd, env=user_env(), text=True, start_new_session=True,
+        stdin=None if stdin is None else subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        stdout, stderr = process.communicate(stdin, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError(
+            f"{shlex.join(argv)} ran past {timeout} s:\n{stdout[-3000:]}\n{stderr[-3000:]}"
+        ) from None
+    return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
 
 
 def shell_commands(block: str) -> list[list[str]]:
