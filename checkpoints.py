@@ -8,6 +8,7 @@
   fed each micro-step's loss by `GuardedTrainer`).
 - On several nodes, every node must see the --output_dir rank 0 writes (`check_shared_output_dir`).
 - Re-running the same command resumes from the newest complete checkpoint (`resume_plan`).
+- A build of DeepSpeed's ops killed midway leaves no lock that stalls the rerun (`release_build_locks`).
 """
 
 from __future__ import annotations
@@ -524,3 +525,29 @@ def check_disk(output_dir: Path, needed: int, what: str = "one checkpoint") -> N
 
 def readable(size: int) -> str:
     return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
+
+
+def release_build_locks() -> None:
+    """torch compiles DeepSpeed's CPU Adam on a machine's first run, behind a lock file that only
+    a finished build removes. A run killed while compiling (preempted, out of memory) leaves it,
+    and every later run waits on it forever, silently. A lock that no process holds open is such
+    a leftover. Every rank looks before its own first build, so none waits on one."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    locks = [*root.glob("*/lock"), *root.glob("*/*/lock")]  # <root>[/<accelerator>]/<op>/lock
+    if not locks or not Path("/proc/self/fd").is_dir():
+        return
+    held = set()
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            held.add(os.readlink(fd))
+        except OSError:  # closed meanwhile, or another user's process
+            continue
+    for lock in locks:
+        if str(lock) not in held:
+            try:
+                lock.unlink()
+            except FileNotFoundError:  # another rank of this machine got there first
+                continue
+            say(PROG, f"removed {lock}: a build of DeepSpeed's ops was killed midway; it builds again.")  # fmt: skip

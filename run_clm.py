@@ -620,6 +620,7 @@ def train_and_evaluate(model_args, lora, data, run, options, training) -> None:
             MASTER_PORT=str(free_port()),
         )  # fmt: skip
     if training.deepspeed:
+        checkpoints.release_build_locks()  # before init_distributed: on CPUs it builds an op
         import deepspeed
 
         # Now, not when the Trainer starts: ZeRO-3 partitions the weights as they load, and

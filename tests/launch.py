@@ -64,14 +64,18 @@ def with_port(argv: list[str]) -> list[str]:
 
 
 def run(
-    argv: list[str], cwd: Path, timeout: int = 600, stdin: str | None = None
+    argv: list[str],
+    cwd: Path,
+    timeout: int = 600,
+    stdin: str | None = None,
+    env: dict | None = None,
 ) -> subprocess.CompletedProcess:
     """The command to its end. Past `timeout` its whole process group is killed and the test fails
     with its output: killing the launcher alone would leave ranks holding the pipes, and wait on."""
     if argv[0] == "python":
         argv = [sys.executable, *argv[1:]]
     process = subprocess.Popen(
-        with_port(argv), cwd=cwd, env=user_env(), text=True, start_new_session=True,
+        with_port(argv), cwd=cwd, env={**user_env(), **(env or {})}, text=True, start_new_session=True,
         stdin=None if stdin is None else subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
