@@ -19,7 +19,9 @@ import datasets
 
 import chats
 from checkpoints import Guarded
-from common import PREFERENCE_SHAPES, UserError, arg, preference_shape
+from common import PREFERENCE_SHAPES, UserError, arg, preference_shape, say
+
+PROG = "run_clm.py"
 
 SHAPES = PREFERENCE_SHAPES  # the fields of each shape; clm_data.py reads them here
 TRAINERS = {"preference": "DPO", "labelled": "KTO"}
@@ -133,6 +135,7 @@ class PreferenceArguments:
     )
     desirable_weight: float = arg(1.0, "KTO: the weight of answers labelled true.")
     undesirable_weight: float = arg(1.0, "KTO: the weight of answers labelled false.")
+    learning_rate_given: bool = dataclasses.field(default=True, init=False)  # not a flag
 
 
 def trainer(shape: str, model, training, options: PreferenceArguments, max_length: int, **kwargs):
@@ -151,6 +154,9 @@ def trainer(shape: str, model, training, options: PreferenceArguments, max_lengt
         "precompute_ref_log_probs": options.precompute_ref_log_probs,
         "max_length": max_length,
     }
+    if not options.learning_rate_given:
+        extra["learning_rate"] = config_class.learning_rate
+        say(PROG, f"--learning_rate not given: {name} trains at TRL's default, {config_class.learning_rate:g}.")  # fmt: skip
     if name == "DPO":
         extra["loss_type"] = [options.loss_type]
     else:

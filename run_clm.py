@@ -155,8 +155,8 @@ ALIASES = {
 
 def parse_args(argv: list[str]):
     parser = HfArgumentParser(ARGUMENTS)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(argv[0])
+    if len(argv) == 1 and argv[0].endswith(".json"):  # HF's scripts take the flags as one file
+        argv = json_argv(argv[0])
     argv = [
         ALIASES.get(arg.split("=")[0], arg.split("=")[0]) + arg[len(arg.split("=")[0]) :]
         for arg in argv
@@ -196,8 +196,27 @@ def parse_args(argv: list[str]):
             built.append(group(**kwargs))
         except ValueError as error:
             raise UserError(str(error).splitlines()[0]) from None
+    # TRL's preference trainers start far lower than a supervised run (1e-6, not 5e-5).
+    built[ARGUMENTS.index(preference.PreferenceArguments)].learning_rate_given = "--learning_rate" in given  # fmt: skip
     validate(*built)
     return tuple(built)
+
+
+def json_argv(path: str) -> list[str]:
+    """A JSON object of flags as the command line it stands for, checked like one."""
+    try:
+        flags = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path}: cannot read it ({str(error).splitlines()[0]}).") from None
+    if not isinstance(flags, dict):
+        raise UserError(
+            f'{path}: write the flags as one JSON object, {{"output_dir": "out", ...}}.'
+        )
+    argv = []
+    for key, value in flags.items():
+        if value is not None:
+            argv += [f"--{key}", *map(str, value if isinstance(value, list) else [value])]
+    return argv
 
 
 def validate(model_args, lora, data, run, _preference, training) -> None:

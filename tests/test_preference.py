@@ -219,6 +219,23 @@ def test_a_dpo_run_keeps_the_nan_guard_and_the_disk_check(tmp_path, tiny_gpt2, m
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+def test_a_preference_run_without_a_learning_rate_takes_trl_s_and_a_json_of_flags_is_a_command(tmp_path, tiny_gpt2, capsys):  # fmt: skip
+    """A supervised run's default (5e-5) is 50 times DPO's and undoes a tuned model. HF's scripts
+    also take the flags as one JSON file; it is checked and defaulted as the command line is."""
+    write(tmp_path / "pairs.jsonl", pairs(8))
+    flags = {"model_name_or_path": str(tiny_gpt2), "train_file": str(tmp_path / "pairs.jsonl"),
+             "do_train": True, "output_dir": str(tmp_path / "out"), "max_steps": 2, "fp16": True,
+             "per_device_train_batch_size": 4, "logging_steps": 1, "save_strategy": "no",
+             "lr_scheduler_type": "constant", "eval_answers": 0}  # fmt: skip
+    (tmp_path / "args.json").write_text(json.dumps(flags))
+    run_clm.main([str(tmp_path / "args.json")])
+    out = capsys.readouterr().out
+    assert "--learning_rate not given: DPO trains at TRL's default, 1e-06." in out
+    assert "--fp16 needs a CUDA GPU and none is here; training in fp32 instead." in out  # checked
+    rates = [e["learning_rate"] for e in json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"] if "learning_rate" in e]  # fmt: skip
+    assert rates == [1e-6, 1e-6]
+
+
 def test_hub_pairs_of_whole_chats_are_split_into_prompt_and_answers_and_shown(tmp_path, tiny_gpt2, capsys):  # fmt: skip
     """The hub's usual DPO form has no prompt column: both answers carry the conversation.
     --show_examples prints the records as TRL renders them, and loads no weights."""
