@@ -18,6 +18,8 @@ SCRIPTS = [
     "chats.py",
     "fused_loss.py",
     "checkpoints.py",
+    "preference.py",
+    "reports.py",
     "common.py",
     "deepspeed_json.py",
     "chat_template.jinja",

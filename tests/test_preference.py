@@ -26,6 +26,7 @@ from launch import (
 from tiny import REPO
 
 sys.path.insert(0, str(REPO))
+import reports
 import run_clm
 
 NAMES = ["Ada", "Bob", "Cy", "Dee", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jo", "Kay", "Lu"]
@@ -109,7 +110,7 @@ def test_dpo_through_the_launcher_learns_to_prefer_the_chosen_answers(folder, dp
         assert (f"step {step}, held-out prompt 2:" in dpo_runs[kind]) == (kind == "full")
     results = json.loads((out / "all_results.json").read_text())
     assert results["eval_rewards/accuracies"] > 0.9 and "perplexity" not in results
-    drawn = run_clm.plot_losses(json.loads((out / "trainer_state.json").read_text())["log_history"], folder / "plot.png")  # fmt: skip
+    drawn = reports.plot_losses(json.loads((out / "trainer_state.json").read_text())["log_history"], folder / "plot.png")  # fmt: skip
     assert {"train loss", "eval loss", "eval reward margin", "eval reward accuracy"} <= set(drawn)
     if kind == "lora":  # merged into the base for the user, the adapter kept beside it
         assert "LoRA adapter merged into" in dpo_runs[kind]

@@ -31,6 +31,7 @@ from launch import (
 from tiny import REPO
 
 sys.path.insert(0, str(REPO))
+import reports
 import run_clm
 import run_generation
 
@@ -108,11 +109,11 @@ def test_the_loss_curve_is_drawn_from_the_runs_log(gpt2_run, tmp_path):
     assert "loss curve: finetuned/loss.png" in done.stdout
     assert (folder / "finetuned" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     history = json.loads((folder / "finetuned" / "trainer_state.json").read_text())["log_history"]
-    drawn = run_clm.plot_losses(history, tmp_path / "loss.png")
+    drawn = reports.plot_losses(history, tmp_path / "loss.png")
     assert drawn["eval loss"] == [(e["step"], e["eval_loss"]) for e in history if "eval_loss" in e]
     assert drawn.get("train loss", []) == [(e["step"], e["loss"]) for e in history if "loss" in e]
     # A run without eval (or without logged losses) draws what it has, and nothing is printed.
-    assert run_clm.plot_losses([{"step": 1, "loss": 2.5}], tmp_path / "one.png") == {"train loss": [(1, 2.5)]}  # fmt: skip
+    assert reports.plot_losses([{"step": 1, "loss": 2.5}], tmp_path / "one.png") == {"train loss": [(1, 2.5)]}  # fmt: skip
     assert "No artists" not in done.stderr
 
 
