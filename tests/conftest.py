@@ -2,6 +2,7 @@ import atexit
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tiny import family_tokenizer, save_tiny
+from tiny import REPO, family_tokenizer, save_tiny
 
 
 @pytest.fixture(scope="session")
@@ -106,14 +107,17 @@ def _release_deepspeed_buffers():
 
 def pytest_sessionstart(session):
     """Before the workers start (xdist's own hook runs last): free what earlier sessions leaked, and
-    build DeepSpeed's CPU ops once. Built by the first runs instead, both workers compiled at once,
-    slowly, and a run stopped by its test mid-build left torch's lock file: every later run waited
-    on it forever."""
+    build DeepSpeed's CPU ops once. Left to the first runs, both workers compiled at once under
+    load, for over 5 minutes on a new machine, and the runs' time limits cut into the builds."""
     if hasattr(session.config, "workerinput"):
         return
     release_deepspeed_buffers(min_age=0)
+    sys.path.insert(0, str(REPO))
     from deepspeed.accelerator import get_accelerator
 
+    import checkpoints  # a lock left by a killed build would stall this one
+
+    checkpoints.release_build_locks()
     for op in ("CPUAdamBuilder", "ShareMemCommBuilder"):
         get_accelerator().create_op_builder(op).load(verbose=False)
 
