@@ -42,6 +42,8 @@ RUN_FILE = "run.json"  # what the run in --output_dir is: a rerun that differs i
 LAUNCHER_GONE = int(signal.SIGHUP)
 # What a launcher's process runs, as its command line shows it.
 LAUNCHERS = ("deepspeed.launcher.launch", "torchrun", "torch.distributed.run")
+# Filesystems that several machines mount (fuse.sshfs and the like count by their last part).
+NETWORK_FILESYSTEMS = {"nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "ceph", "glusterfs", "sshfs", "wekafs"}  # fmt: skip
 
 
 def checkpoints_in(output_dir: Path) -> list[Path]:
@@ -530,8 +532,9 @@ def readable(size: int) -> str:
 def release_build_locks() -> None:
     """torch compiles DeepSpeed's CPU Adam on a machine's first run, behind a lock file that only
     a finished build removes. A run killed while compiling (preempted, out of memory) leaves it,
-    and every later run waits on it forever, silently. A lock that no process holds open is such
-    a leftover. Every rank looks before its own first build, so none waits on one."""
+    and every later run waits on it forever, silently. A lock that no process of this machine
+    holds open is such a leftover, unless the folder is shared with other machines (a cluster's
+    home on NFS), where another node may be building. Every rank looks before its first build."""
     from torch.utils.cpp_extension import get_default_build_root
 
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
@@ -545,9 +548,25 @@ def release_build_locks() -> None:
         except OSError:  # closed meanwhile, or another user's process
             continue
     for lock in locks:
-        if str(lock) not in held:
-            try:
-                lock.unlink()
-            except FileNotFoundError:  # another rank of this machine got there first
-                continue
-            say(PROG, f"removed {lock}: a build of DeepSpeed's ops was killed midway; it builds again.")  # fmt: skip
+        if os.path.realpath(lock) in held:
+            continue
+        if network_filesystem(lock):
+            say(PROG, f"{lock} may be a build of DeepSpeed's ops on another machine; if none is building, delete it or this run waits on it forever.")  # fmt: skip
+            continue
+        try:
+            lock.unlink()
+        except FileNotFoundError:  # another rank of this machine got there first
+            continue
+        say(PROG, f"removed {lock}: a build of DeepSpeed's ops was killed midway; it builds again.")  # fmt: skip
+
+
+def network_filesystem(path: Path, mounts: Path = Path("/proc/mounts")) -> bool:
+    """Whether `path` lies on a filesystem that other machines mount too."""
+    where, kind = os.path.realpath(path), ""
+    longest = -1
+    for line in mounts.read_text().splitlines():
+        _, point, fstype = line.split()[:3]
+        inside = where == point or where.startswith(point.rstrip("/") + "/")
+        if inside and len(point) > longest:
+            longest, kind = len(point), fstype
+    return kind.split(".")[-1] in NETWORK_FILESYSTEMS

@@ -232,3 +232,14 @@ def test_the_global_batch_is_kept_on_any_number_of_gpus_that_can_share_it():
         "cannot share evenly; resume on 1, 2, 4 GPUs in all, or pass --overwrite_output_dir to "
         "start over on this machine."
     )
+
+
+def test_a_build_lock_on_a_filesystem_other_machines_share_is_left_to_them(tmp_path):
+    """On a cluster's NFS home another node may be building DeepSpeed's ops right now: its lock
+    is held by no process of this machine, yet is no leftover."""
+    import checkpoints
+
+    mounts = tmp_path / "mounts"
+    mounts.write_text("/dev/vda / ext4 rw 0 0\nserver:/home /home nfs4 rw 0 0\nserver:/scratch /scratch fuse.sshfs rw 0 0\n")  # fmt: skip
+    shared = [checkpoints.network_filesystem(Path(p), mounts) for p in ("/home/ada/.cache/torch_extensions/cpu_adam/lock", "/scratch/x", "/tmp/x", "/homework/x")]  # fmt: skip
+    assert shared == [True, True, False, False]
