@@ -18,6 +18,7 @@ preference.py, what a run shows (held-out answers, the loss plot) in reports.py.
 import common  # first: it quiets what some libraries print when they are imported
 
 # isort: split
+import atexit
 import difflib
 import json
 import logging
@@ -708,7 +709,16 @@ def train_and_evaluate(model_args, lora, data, run, options, training) -> None:
     # its communication threads' teardown ("terminate called without an active exception").
     checkpoints.wait_for_everyone()
     if torch.distributed.is_initialized():
+        ranks = torch.distributed.get_world_size()
         torch.distributed.destroy_process_group()
+        if ranks > 1:
+            # Still, one two-rank ZeRO-3 run out of some twenty aborted as a rank's interpreter
+            # tore down (same message, exit status 250), everything written. Python's exit hooks
+            # (wandb, logging) run; the C++ teardown, with nothing left to do, is skipped.
+            atexit._run_exitfuncs()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> None:
