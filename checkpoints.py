@@ -562,11 +562,8 @@ def release_build_locks() -> None:
 
 def network_filesystem(path: Path, mounts: Path = Path("/proc/mounts")) -> bool:
     """Whether `path` lies on a filesystem that other machines mount too."""
-    where, kind = os.path.realpath(path), ""
-    longest = -1
-    for line in mounts.read_text().splitlines():
-        _, point, fstype = line.split()[:3]
-        inside = where == point or where.startswith(point.rstrip("/") + "/")
-        if inside and len(point) > longest:
-            longest, kind = len(point), fstype
+    where = os.path.realpath(path)
+    mounted = [line.split()[1:3] for line in mounts.read_text().splitlines()]
+    holding = [(point, kind) for point, kind in mounted if where == point or where.startswith(point.rstrip("/") + "/")]  # fmt: skip
+    _, kind = max(holding, key=lambda mount: len(mount[0]), default=("", ""))
     return kind.split(".")[-1] in NETWORK_FILESYSTEMS

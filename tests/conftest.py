@@ -68,14 +68,14 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: order.get(item.path.name, len(order)))  # the rest as collected
 
 
-def unused_deepspeed_buffers(min_age: float) -> list[Path]:
-    """DeepSpeed's CPU allreduce buffers in /dev/shm that no live process maps. Every rank of every
-    run on the CPU makes one (69 MB of RAM) and DeepSpeed never unlinks it: a machine that had run
-    the suite a few times ran out of memory, and the next suite hung. `min_age` spares a buffer
-    that its rank has created but not yet mapped."""
+def release_deepspeed_buffers(min_age: float) -> None:
+    """Delete DeepSpeed's CPU allreduce buffers in /dev/shm that no live process maps. Every rank of
+    every run on the CPU makes one (69 MB of RAM) and DeepSpeed never unlinks it: a machine that
+    had run the suite a few times ran out of memory, and the next suite hung. `min_age` spares a
+    buffer that its rank has created but not yet mapped."""
     found = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"))
     if not found:
-        return []
+        return
     mapped = set()
     for maps in Path("/proc").glob("[0-9]*/maps"):
         try:
@@ -84,19 +84,12 @@ def unused_deepspeed_buffers(min_age: float) -> list[Path]:
             )
         except OSError:  # the process ended meanwhile, or is not ours to read
             continue
-    unused = []
     for path in found:
         try:
             if path.name not in mapped and time.time() - path.stat().st_mtime >= min_age:
-                unused.append(path)
+                path.unlink()
         except FileNotFoundError:  # the other worker released it
             continue
-    return unused
-
-
-def release_deepspeed_buffers(min_age: float) -> None:
-    for path in unused_deepspeed_buffers(min_age):
-        path.unlink(missing_ok=True)
 
 
 @pytest.fixture(autouse=True)
